@@ -1,0 +1,160 @@
+"""Per-pixel anomaly maps of a trained VAE: rec_error, rec_grad, kl_grad, elbo_grad, combi.
+
+Definitions follow REFERENCE.md §2 (Zimmerer et al. 2019; Zhou, Deng & Wu). All maps come
+from one encoder pass and at most one decoder pass: the rec and KL gradients with respect to
+the input are two VJPs of the same forward pass, and their encoder parts are computed as one
+batched VJP with the cotangents stacked. Because images are independent, the gradient of
+the batch *sum* of the per-image losses is every image's own gradient.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxvae import losses
+from jaxvae.errors import ConfigError
+from jaxvae.model import ConvVAE, decode, encode
+
+PREDICTORS = ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi")
+GRADIENT_MAPS = ("rec_grad", "kl_grad", "elbo_grad")
+
+
+def gaussian_matrix(size: int, sigma: float):
+    """(size, size) matrix K such that K @ img @ K.T is a zero-padded Gaussian blur.
+
+    The kernel has radius ceil(sigma) (kernel 7 at sigma 3, as in the reference code) and
+    sums to one. Written as two small matmuls because on CPU that is faster than a depthwise
+    convolution and exact.
+    """
+    radius = max(1, math.ceil(sigma))
+    offsets = jnp.arange(-radius, radius + 1)
+    kernel = jnp.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    idx = jnp.arange(size)
+    diff = idx[None, :] - idx[:, None]
+    return jnp.where(jnp.abs(diff) <= radius, kernel[jnp.clip(diff + radius, 0, 2 * radius)], 0.0)
+
+
+def smooth(maps, sigma: float):
+    """Gaussian blur of (N, H, W) maps (zero padding); sigma <= 0 returns them unchanged."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_matrix(maps.shape[-1], sigma).astype(maps.dtype)
+    kh = gaussian_matrix(maps.shape[-2], sigma).astype(maps.dtype)
+    return jnp.einsum("ij,njk,lk->nil", kh, maps, k)
+
+
+def _minmax(a):
+    lo, hi = jnp.min(a), jnp.max(a)
+    return (a - lo) / jnp.maximum(hi - lo, jnp.finfo(a.dtype).tiny)
+
+
+def _sum_pixels(a):
+    return jnp.sum(a, axis=tuple(range(1, a.ndim)))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "predictors", "n_samples", "smooth_sigma"))
+def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_sigma):
+    want = set(predictors)
+    need_rec = bool(want & {"rec_error", "rec_grad", "elbo_grad", "combi"})
+    need_rec_grad = bool(want & {"rec_grad", "elbo_grad"})
+    need_kl_grad = bool(want & {"kl_grad", "elbo_grad", "combi"})
+    out = {}
+
+    (mu, log_sigma), enc_vjp = jax.vjp(lambda x: encode(model, params, x), x)
+
+    def rec_loss(mu, log_sigma, x):
+        # z = mu (deterministic, the default) or the mean over n_samples reparameterised draws
+        if n_samples == 0:
+            z = mu[None]
+        else:
+            eps = jax.random.normal(key, (n_samples,) + mu.shape, mu.dtype)
+            z = mu + jnp.exp(log_sigma) * eps
+        x_hat = decode(model, params, z.reshape(-1, mu.shape[-1]))
+        x_hat = x_hat.reshape(z.shape[:2] + x.shape[1:])
+        nll = jnp.mean(losses.rec_nll(x[None], x_hat), axis=0)
+        sq = jnp.mean(losses.squared_error(x[None], x_hat), axis=0)
+        return jnp.sum(nll), (nll, sq)
+
+    if need_rec_grad:
+        _, rec_vjp, (nll, sq) = jax.vjp(rec_loss, mu, log_sigma, x, has_aux=True)
+        g_mu, g_ls, g_direct = rec_vjp(jnp.ones((), x.dtype))
+    elif need_rec:
+        _, (nll, sq) = rec_loss(mu, log_sigma, x)
+
+    if need_kl_grad:
+        kl_mu, kl_ls = jax.grad(lambda m, s: jnp.sum(losses.kl_divergence(m, s)),
+                                argnums=(0, 1))(mu, log_sigma)
+
+    if need_rec_grad and need_kl_grad:
+        # one batched encoder VJP for both cotangents (the VJP is linear, vmap stacks them)
+        g = jax.vmap(lambda cm, cs: enc_vjp((cm, cs))[0])(jnp.stack([g_mu, kl_mu]),
+                                                            jnp.stack([g_ls, kl_ls]))
+        g_rec, g_kl = g[0] + g_direct, g[1]
+    elif need_rec_grad:
+        g_rec = enc_vjp((g_mu, g_ls))[0] + g_direct
+    elif need_kl_grad:
+        g_kl = enc_vjp((kl_mu, kl_ls))[0]
+
+    def to_map(a):  # (N, H, W, 1) -> (N, H, W)
+        return a[..., 0]
+
+    if "rec_error" in want:
+        out["rec_error"] = to_map(sq)
+    if "rec_grad" in want:
+        out["rec_grad"] = smooth(to_map(jnp.abs(g_rec)), smooth_sigma)
+    if "kl_grad" in want:
+        out["kl_grad"] = smooth(to_map(jnp.abs(g_kl)), smooth_sigma)
+    if "elbo_grad" in want:
+        out["elbo_grad"] = smooth(to_map(jnp.abs(g_rec + beta * g_kl)), smooth_sigma)
+    if "combi" in want:
+        out["combi"] = smooth(_minmax(to_map(jnp.abs(g_kl))), smooth_sigma) * to_map(nll)
+    return out
+
+
+def check_predictors(predictors, allowed=PREDICTORS) -> tuple[str, ...]:
+    """Validate predictor names; return them as a sorted tuple (a static jit argument)."""
+    if predictors is None:
+        return tuple(sorted(allowed))
+    if isinstance(predictors, str):
+        predictors = [p for p in predictors.split(",") if p]
+    unknown = sorted(set(predictors) - set(allowed))
+    if unknown or not predictors:
+        raise ConfigError(f"unknown predictor(s) {unknown or predictors!r}; "
+                          f"choose from {', '.join(allowed)}")
+    return tuple(sorted(set(predictors)))
+
+
+def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth_sigma=3.0,
+                 n_samples=0, key=None) -> dict:
+    """Per-pixel anomaly maps of a batch, computed together from one forward pass.
+
+    Args:
+      model: the ConvVAE (static: its hyper-parameters select the compiled function).
+      params: its parameters.
+      x: (N, 64, 64, 1) float32 pre-processed images.
+      beta: weight of the KL term in elbo_grad (the beta of a beta-VAE).
+      predictors: names among PREDICTORS (list, tuple or comma string); None = all five.
+      smooth_sigma: Gaussian sigma in pixels for the gradient maps (rec_grad, kl_grad,
+        elbo_grad) and the KL factor of combi; 0 disables smoothing. rec_error is never
+        smoothed.
+      n_samples: 0 = z is mu (the default, as in the reference code); n > 0 averages the
+        reconstruction loss over n reparameterised samples drawn with `key`.
+      key: PRNG key, required when n_samples > 0.
+
+    Returns:
+      dict name -> (N, 64, 64) float32 map; larger means more anomalous.
+    """
+    predictors = check_predictors(predictors)
+    if n_samples < 0:
+        raise ConfigError(f"n_samples must be >= 0, got {n_samples}")
+    if n_samples > 0 and key is None:
+        raise ConfigError("n_samples > 0 needs a PRNG key (key=jax.random.key(...))")
+    if key is None:
+        key = jax.random.key(0)  # unused when n_samples == 0; keeps one compiled signature
+    x = jnp.asarray(x)
+    x = x.astype(jnp.result_type(x.dtype, jnp.float32))  # float32, or float64 under x64
+    return _anomaly_maps(model, params, x, jnp.asarray(beta, x.dtype), key, predictors=predictors,
+                         n_samples=int(n_samples), smooth_sigma=float(smooth_sigma))

@@ -1,0 +1,152 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxvae
+from jaxvae import losses
+from jaxvae.predictors import _anomaly_maps, gaussian_matrix, smooth
+
+BETA = 0.7
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = jaxvae.ConvVAE(latent_dim=16)
+    params = jaxvae.init_params(model, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, 64, 64, 1)) * 0.5
+    return model, params, x
+
+
+def _obvious(model, params, x, beta):
+    """The slow obvious way: three separate jax.grad calls of per-image scalar losses."""
+    def rec(x):
+        mu, _ = jaxvae.encode(model, params, x)
+        return 0.5 * jnp.sum((x - jaxvae.decode(model, params, mu)) ** 2)
+
+    def kl(x):
+        return jnp.sum(losses.kl_divergence(*jaxvae.encode(model, params, x)))
+
+    g_rec, g_kl = jax.grad(rec)(x), jax.grad(kl)(x)
+    g_elbo = jax.grad(lambda x: rec(x) + beta * kl(x))(x)
+    return {k: jnp.abs(v)[..., 0] for k, v in
+            {"rec_grad": g_rec, "kl_grad": g_kl, "elbo_grad": g_elbo}.items()}
+
+
+def test_gradient_maps_equal_plain_jax_grad(setup):
+    model, params, x = setup
+    maps = jaxvae.anomaly_maps(model, params, x, beta=BETA, smooth_sigma=0.0)
+    ref = _obvious(model, params, x, BETA)
+    for name in ref:
+        np.testing.assert_allclose(maps[name], ref[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_gradient_maps_match_finite_differences(setup):
+    model, params, x = setup
+    with jax.enable_x64(True):
+        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+        x64 = jnp.asarray(x, jnp.float64)
+        maps = jaxvae.anomaly_maps(model, p64, x64, beta=BETA, smooth_sigma=0.0)
+        assert maps["rec_grad"].dtype == jnp.float64
+
+        def losses_of(x):
+            mu, ls = jaxvae.encode(model, p64, x)
+            rec = 0.5 * jnp.sum((x - jaxvae.decode(model, p64, mu)) ** 2)
+            kl = jnp.sum(losses.kl_divergence(mu, ls))
+            return {"rec_grad": rec, "kl_grad": kl, "elbo_grad": rec + BETA * kl}
+
+        eps = 1e-5
+        for n, i, j in [(0, 32, 32), (1, 10, 50), (2, 63, 0)]:
+            e = jnp.zeros_like(x64).at[n, i, j, 0].set(eps)
+            up, down = losses_of(x64 + e), losses_of(x64 - e)
+            for name in up:
+                fd = abs(float(up[name] - down[name]) / (2 * eps))
+                np.testing.assert_allclose(float(maps[name][n, i, j]), fd, rtol=1e-5, atol=1e-8,
+                                           err_msg=f"{name} at {(n, i, j)}")
+
+
+def test_batch_sum_gradient_is_per_image_gradient(setup):
+    model, params, x = setup
+    batched = jaxvae.anomaly_maps(model, params, x, smooth_sigma=0.0)
+    single = jax.vmap(lambda xi: jaxvae.anomaly_maps(
+        model, params, xi[None], smooth_sigma=0.0,
+        predictors=["rec_error", "rec_grad", "kl_grad", "elbo_grad"]))(x)
+    for name, m in single.items():
+        np.testing.assert_allclose(batched[name], m[:, 0], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_elbo_grad_is_abs_of_signed_sum_not_sum_of_maps(setup):
+    model, params, x = setup
+    maps = jaxvae.anomaly_maps(model, params, x, beta=BETA, smooth_sigma=0.0)
+    # |a + b| <= |a| + |b|, with strict inequality where the signs differ
+    bound = maps["rec_grad"] + BETA * maps["kl_grad"]
+    assert np.all(maps["elbo_grad"] <= bound + 1e-5)
+    assert np.any(maps["elbo_grad"] < bound - 1e-4)
+    only_rec = jaxvae.anomaly_maps(model, params, x, beta=0.0, smooth_sigma=0.0)
+    np.testing.assert_allclose(only_rec["elbo_grad"], only_rec["rec_grad"], rtol=1e-6)
+
+
+def test_rec_error_and_combi_definitions(setup):
+    model, params, x = setup
+    maps = jaxvae.anomaly_maps(model, params, x, smooth_sigma=2.0)
+    mu, _ = jaxvae.encode(model, params, x)
+    x_hat = jaxvae.decode(model, params, mu)
+    np.testing.assert_allclose(maps["rec_error"], ((x - x_hat) ** 2)[..., 0], rtol=1e-5)
+    raw = jaxvae.anomaly_maps(model, params, x, smooth_sigma=0.0, predictors=["kl_grad"])
+    kl = raw["kl_grad"]
+    norm = (kl - kl.min()) / (kl.max() - kl.min())  # min-max over the whole batch
+    nll = losses.rec_nll(x, x_hat)[..., 0]
+    np.testing.assert_allclose(maps["combi"], smooth(norm, 2.0) * nll, rtol=1e-4, atol=1e-6)
+
+
+def test_smoothing_is_a_normalised_gaussian_and_can_be_switched_off(setup):
+    model, params, x = setup
+    k = np.asarray(gaussian_matrix(64, 3.0))
+    assert k[32, 25:40].nonzero()[0].tolist() == list(range(29 - 25, 36 - 25))  # radius 3
+    np.testing.assert_allclose(k[32].sum(), 1.0, rtol=1e-6)
+    impulse = jnp.zeros((1, 64, 64)).at[0, 32, 32].set(1.0)
+    blurred = np.asarray(smooth(impulse, 3.0))[0]
+    np.testing.assert_allclose(blurred.sum(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(blurred, blurred.T, atol=1e-7)
+    assert blurred[32, 32] == blurred.max() and blurred[32, 36] == 0.0
+    on = jaxvae.anomaly_maps(model, params, x, smooth_sigma=3.0, predictors=["rec_grad"])
+    off = jaxvae.anomaly_maps(model, params, x, smooth_sigma=0.0, predictors=["rec_grad"])
+    np.testing.assert_allclose(on["rec_grad"], smooth(off["rec_grad"], 3.0), rtol=1e-4, atol=1e-7)
+    assert not np.allclose(on["rec_grad"], off["rec_grad"])
+
+
+def test_only_requested_predictors_and_unknown_names(setup):
+    model, params, x = setup
+    assert set(jaxvae.anomaly_maps(model, params, x, predictors="kl_grad")) == {"kl_grad"}
+    assert set(jaxvae.anomaly_maps(model, params, x)) == set(jaxvae.PREDICTORS)
+    with pytest.raises(jaxvae.ConfigError, match="unknown predictor"):
+        jaxvae.anomaly_maps(model, params, x, predictors=["rec_grad", "nope"])
+    with pytest.raises(jaxvae.ConfigError, match="key"):
+        jaxvae.anomaly_maps(model, params, x, n_samples=2)
+
+
+def test_monte_carlo_rec_grad_uses_reparameterised_samples(setup):
+    model, params, x = setup
+    key = jax.random.key(7)
+    maps = jaxvae.anomaly_maps(model, params, x, n_samples=1, key=key, smooth_sigma=0.0,
+                               predictors=["rec_grad"])
+
+    def rec(x):
+        mu, ls = jaxvae.encode(model, params, x)
+        z = mu + jnp.exp(ls) * jax.random.normal(key, (1,) + mu.shape)[0]
+        return 0.5 * jnp.sum((x - jaxvae.decode(model, params, z)) ** 2)
+
+    np.testing.assert_allclose(maps["rec_grad"], jnp.abs(jax.grad(rec)(x))[..., 0],
+                               rtol=1e-4, atol=1e-6)
+    again = jaxvae.anomaly_maps(model, params, x, n_samples=1, key=key, smooth_sigma=0.0,
+                                predictors=["rec_grad"])
+    np.testing.assert_array_equal(maps["rec_grad"], again["rec_grad"])
+
+
+def test_compiled_once_per_shape(setup):
+    model, params, x = setup
+    jaxvae.anomaly_maps(model, params, x, predictors=["rec_grad", "kl_grad"])
+    before = _anomaly_maps._cache_size()
+    jaxvae.anomaly_maps(model, params, x + 1.0, predictors=["kl_grad", "rec_grad"], beta=2.0)
+    jaxvae.anomaly_maps(model, params, np.asarray(x) * 2, predictors="rec_grad,kl_grad")
+    assert _anomaly_maps._cache_size() == before

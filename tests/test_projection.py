@@ -1,0 +1,65 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxvae
+from jaxvae.projection import _project, energy
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = jaxvae.ConvVAE(latent_dim=16)
+    params = jaxvae.init_params(model, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(2), (2, 64, 64, 1)) * 0.5
+    return model, params, x
+
+
+def test_zero_steps_returns_plain_rec_error(setup):
+    model, params, x = setup
+    x_t, m = jaxvae.project(model, params, x, steps=0)
+    np.testing.assert_array_equal(x_t, x)
+    rec = jaxvae.anomaly_maps(model, params, x, predictors=["rec_error"])["rec_error"]
+    np.testing.assert_allclose(m, rec, rtol=1e-6)
+
+
+def test_steps_lower_the_energy(setup):
+    model, params, x = setup
+    energies = [float(jnp.mean(energy(model, params, jaxvae.project(
+        model, params, x, steps=s, lam=0.5)[0], x, 0.5))) for s in (0, 5, 20, 60)]
+    assert all(b < a for a, b in zip(energies, energies[1:], strict=False)), energies
+
+
+def test_first_step_moves_by_rec_gradient_only(setup):
+    # with an L1 subgradient of 0 at x == x0, a huge lam changes nothing in step one
+    model, params, x = setup
+    a, _ = jaxvae.project(model, params, x, steps=1, lam=0.0)
+    b, _ = jaxvae.project(model, params, x, steps=1, lam=1e6)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert not np.allclose(a, x)
+
+
+def test_projection_differentiates_through_the_vae(setup):
+    # Adam's first step is -lr * g / (|g| + eps): compare with the full (not detached) gradient
+    model, params, x = setup
+    x1, _ = jaxvae.project(model, params, x, steps=1, lam=0.0, lr=0.01)
+    g = jax.grad(lambda x: jnp.sum(energy(model, params, x, x, 0.0)))(x)
+    np.testing.assert_allclose(x1, x - 0.01 * g / (jnp.abs(g) + 1e-8), atol=1e-6)
+
+
+def test_diff_map_and_validation(setup):
+    model, params, x = setup
+    x_t, m = jaxvae.project(model, params, x, steps=3, map_kind="diff")
+    np.testing.assert_allclose(m, jnp.abs(x - x_t)[..., 0], rtol=1e-6)
+    with pytest.raises(jaxvae.ConfigError):
+        jaxvae.project(model, params, x, steps=-1)
+    with pytest.raises(jaxvae.ConfigError):
+        jaxvae.project(model, params, x, map_kind="nope")
+
+
+def test_projection_compiled_once(setup):
+    model, params, x = setup
+    jaxvae.project(model, params, x, steps=2, lam=0.1)
+    n = _project._cache_size()
+    jaxvae.project(model, params, x * 2, steps=2, lam=0.3, lr=0.01)
+    assert _project._cache_size() == n

@@ -82,19 +82,25 @@ def compute_maps(model, params, images, *, beta=1.0, settings=EvalSettings(), pr
     grad_preds = tuple(p for p in wanted if p in PREDICTORS)
     images = np.asarray(images, np.float32)
     out = {p: np.empty(images.shape, np.float32) for p in wanted}
+    from jaxvae import parallel
+
+    # one device: the plain jitted functions; several: the same, batch split over devices
+    many = jax.local_device_count() > 1
+    maps_fn = parallel.sharded_maps if many else anomaly_maps
+    project_fn = parallel.sharded_project if many else project
     key = jax.random.key(settings.seed)
     batches = list(_batches(len(images), settings.batch_size))
     for b, (idx, n) in enumerate(tqdm(batches, desc="scoring", disable=not progress,
                                       unit="batch")):
         x = images[idx][..., None]
         if grad_preds:
-            maps = anomaly_maps(model, params, x, beta=beta, predictors=grad_preds,
+            maps = maps_fn(model, params, x, beta=beta, predictors=grad_preds,
                                 smooth_sigma=settings.smooth_sigma, n_samples=settings.n_samples,
                                 key=jax.random.fold_in(key, b) if settings.n_samples else None)
             for name, m in maps.items():
                 out[name][idx[:n]] = np.asarray(m)[:n]
         if "proj_rec_error" in wanted:
-            _, m = project(model, params, x, lam=settings.proj_lam, steps=settings.proj_steps,
+            _, m = project_fn(model, params, x, lam=settings.proj_lam, steps=settings.proj_steps,
                            lr=settings.proj_lr)
             out["proj_rec_error"][idx[:n]] = np.asarray(m)[:n]
     return out
@@ -167,7 +173,7 @@ def _ensemble(maps, feats, slices, settings):
     for name, names in variants.items():
         ens = fit_ensemble({f: maps[f] for f in names}, slices.lesion, slices.case_ids,
                            fit_fraction=settings.fit_fraction, seed=settings.seed,
-                           brain=slices.brain, log_features=True)
+                           brain=slices.brain, log_features=feats)  # the maps >= 0
         test = np.isin(np.asarray(slices.case_ids).astype(str), ens.test_cases)
         scored_maps = {name: ens.predict({f: maps[f][test] for f in names})}
         # the single predictors on the same held-out cases, for a like-for-like comparison

@@ -17,9 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxvae.data import phantom
-from jaxvae.data.datasets import SliceSet, find_brats_cases, find_volumes, load_slices, split_cases
-from jaxvae.errors import ConfigError, DataError
+from jaxvae.data import nifti, phantom
+from jaxvae.data.datasets import (
+    Case,
+    SliceSet,
+    find_brats_cases,
+    find_volumes,
+    load_slices,
+    split_cases,
+)
+from jaxvae.data.preprocess import PreprocessParams, brain_mask, maps_to_volume, preprocess_volume
+from jaxvae.errors import ConfigError, DataError, OutputError
+from jaxvae.evaluate import EvalSettings, compute_maps
+from jaxvae.figures import map_figure
 
 
 def cache_root() -> Path:
@@ -54,10 +64,8 @@ def find_cases(data, modality="t2"):
         raise DataError(f"{path}: no such file or folder (give a BraTS folder, a folder of "
                         "volumes, a .nii/.nii.gz volume, or 'phantom')")
     if path.is_file():
-        from jaxvae.data.datasets import Case
-
-        stem = path.name.removesuffix(".gz").removesuffix(".nii")
-        return [Case(case_id=stem, image_path=path)], {"source": "volume", "path": str(path)}
+        desc = {"source": "volume", "path": str(path)}
+        return [Case(case_id=volume_stem(path), image_path=path)], desc
     if any(p.is_dir() for p in path.iterdir()) or (path / "dataset.json").exists():
         return find_brats_cases(path, modality), {"source": "brats", "path": str(path),
                                                   "modality": modality}
@@ -94,3 +102,53 @@ def split_description(desc, *, folds, fold, seed, train: SliceSet, test: SliceSe
     return json.loads(json.dumps({**desc, "folds": folds, "fold": fold, "split_seed": seed,
                                   "train_cases": train.cases, "test_cases": test.cases,
                                   "n_train_slices": len(train)}))
+
+
+def volume_stem(path) -> str:
+    """File name without .nii / .nii.gz (the prefix of a volume's output files)."""
+    return Path(path).name.removesuffix(".gz").removesuffix(".nii")
+
+
+def score_volume(model, params, path, out_dir, *, beta=1.0, mask=None, settings=None,
+                 overwrite=False, png=False, volume_index=None) -> list[Path]:
+    """Anomaly maps of one NIfTI volume, written as NIfTI maps on the input's grid.
+
+    Args:
+      model, params, beta: the trained model.
+      path: input volume (.nii / .nii.gz).
+      out_dir: output folder; files are `<stem>_<predictor>.nii.gz` (+ `<stem>_maps.png`).
+      mask: optional brain mask file on the same grid.
+      settings: EvalSettings (predictors, smoothing, projection steps...).
+      overwrite: replace existing outputs.
+      png: also write an overlay figure of the slices with the highest map values.
+
+    Returns:
+      The paths written. Every map is computed before the first file is written, and each
+      file is written atomically.
+    """
+    settings = settings or EvalSettings()
+    out_dir = Path(out_dir)
+    stem = volume_stem(path)
+    targets = {p: out_dir / f"{stem}_{p}.nii.gz" for p in settings.predictors}
+    if not overwrite:  # refuse before any work, not after minutes of scoring
+        existing = [str(t) for t in targets.values() if t.exists()]
+        if existing:
+            raise OutputError(f"{existing[0]}: already exists (use --overwrite to replace it)")
+    volume = nifti.load_volume(path, volume_index=volume_index)
+    mask_native = nifti.load_seg(mask, volume) if mask else None
+    images, brain, _, geometry = preprocess_volume(volume.data, PreprocessParams(), mask_native,
+                                                   name=path)
+    maps = compute_maps(model, params, images, beta=beta, settings=settings)
+    brain_native = brain_mask(volume.data, mask_native, name=path)
+    written = []
+    for name, target in targets.items():
+        native = volume.to_native(maps_to_volume(maps[name], geometry, brain_native))
+        written.append(nifti.save_volume(target, native, volume.affine, overwrite=overwrite))
+    if png:
+        score = sum(m / max(float(m.max()), 1e-12) for m in maps.values())
+        order = np.argsort(-score.reshape(len(score), -1).max(1))[:4]
+        target = out_dir / f"{stem}_maps.png"
+        map_figure(target, images, np.zeros_like(brain), maps, index=sorted(order.tolist()),
+                   overwrite=overwrite, title=str(Path(path).name))
+        written.append(target)
+    return written

@@ -50,6 +50,7 @@ def finish_args(args, name):
     args.modality = args.modality or ("t2" if phantom else "flair")
     args.folds = args.folds or (1 if phantom else 2)
     args.out = args.out or Path("results") / name
+    args.runs = args.runs.resolve()  # orbax wants absolute checkpoint paths
     args.tag = "phantom" if phantom else Path(args.data).name
     return args
 
@@ -100,6 +101,7 @@ def pooled_setting(args, folds, *, latent_dim, beta, predictors, figure=None, po
     if figure is not None:
         shown = {k: pooled[k] for k in (*predictors, "intensity") if k in pooled}
         map_figure(figure, test.images, test.lesion, shown, recon=np.concatenate(recons),
+                   case_ids=test.case_ids,
                    overwrite=True, title=f"latent {latent_dim}, beta {beta:g}")
     return results
 

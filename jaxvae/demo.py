@@ -64,7 +64,8 @@ def run_demo(out_dir, *, quick=False, overwrite=False, modality="t2", seed=0):
     shown = {k: maps[k] for k in ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi",
                                   "proj_rec_error", "intensity")}
     map_figure(out_dir / "figures" / "maps.png", test_set.images, test_set.lesion, shown,
-               recon=recon, overwrite=overwrite, title="phantom test slices")
+               recon=recon, case_ids=test_set.case_ids, overwrite=overwrite,
+               title="phantom test slices")
     case = next(c for c in cases if c.case_id == test_set.cases[0])
     written = pipeline.score_volume(model, params, case.image_path, out_dir / "maps",
                                     beta=cfg.beta, settings=settings, overwrite=overwrite)

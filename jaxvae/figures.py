@@ -12,15 +12,20 @@ import numpy as np  # noqa: E402
 from jaxvae.io import atomic_path  # noqa: E402
 
 
-def pick_slices(lesion, n=4):
-    """Indices of the n slices with the largest lesion area (spread over the stack)."""
+def pick_slices(lesion, n=4, case_ids=None):
+    """Indices of n slices with large lesions; with case_ids, the largest of n different cases."""
     area = np.asarray(lesion).reshape(len(lesion), -1).sum(1)
-    order = np.argsort(-area, kind="stable")
-    return sorted(order[:n][area[order[:n]] > 0].tolist()) or list(range(min(n, len(area))))
+    order = [i for i in np.argsort(-area, kind="stable") if area[i] > 0]
+    if case_ids is not None:
+        first = {}
+        for i in order:
+            first.setdefault(case_ids[i], i)
+        order = list(first.values())
+    return sorted(int(i) for i in order[:n]) or list(range(min(n, len(area))))
 
 
-def map_figure(path, images, lesion, maps, *, recon=None, index=None, overwrite=False,
-               title=None):
+def map_figure(path, images, lesion, maps, *, recon=None, index=None, case_ids=None,
+               overwrite=False, title=None):
     """Save a grid: columns input | truth | [reconstruction] | one column per map.
 
     Args:
@@ -28,9 +33,10 @@ def map_figure(path, images, lesion, maps, *, recon=None, index=None, overwrite=
       images, lesion: (S, H, W) slices and lesion masks.
       maps: {name: (S, H, W)}; each column is scaled to its own 99.5th percentile.
       recon: optional (S, H, W) reconstructions.
-      index: which slices (rows); default `pick_slices(lesion)`.
+      index: which slices (rows); default `pick_slices(lesion, case_ids=case_ids)`.
+      case_ids: (S,) case of each slice, to show different cases.
     """
-    index = pick_slices(lesion) if index is None else list(index)
+    index = pick_slices(lesion, case_ids=case_ids) if index is None else list(index)
     cols = [("input", images, "gray"), ("ground truth", lesion, "gray")]
     if recon is not None:
         cols.append(("reconstruction", recon, "gray"))
@@ -42,7 +48,9 @@ def map_figure(path, images, lesion, maps, *, recon=None, index=None, overwrite=
         vmax = np.percentile(arr[index], 99.5) if cmap == "inferno" else None
         for r, s in enumerate(index):
             ax = axes[r, c]
-            ax.imshow(arr[s], cmap=cmap, vmin=0 if vmax is not None else None, vmax=vmax)
+            # slices are (R-L, P-A) arrays: transpose so anterior is up, as viewers show them
+            ax.imshow(arr[s].T, cmap=cmap, origin="lower", vmin=0 if vmax is not None else None,
+                      vmax=vmax)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

@@ -79,10 +79,12 @@ def trained(args, fold, train_set, data_desc, *, latent_dim, beta):
     return model, params, cfg, time.time() - t0
 
 
-def pooled_setting(args, folds, *, latent_dim, beta, predictors, figure=None, postprocess=False):
+def pooled_setting(args, folds, *, latent_dim, beta, predictors, figure=None, postprocess=False,
+                   smooth_sigma=3.0, n_samples=0):
     """Train every fold of one setting, pool the test maps, and score them."""
     settings = EvalSettings(predictors=predictors, proj_steps=args.proj_steps,
-                            proj_lam=args.proj_lam, seed=args.seed, postprocess=postprocess)
+                            proj_lam=args.proj_lam, seed=args.seed, postprocess=postprocess,
+                            smooth_sigma=smooth_sigma, n_samples=n_samples)
     tests, maps, recons, seconds = [], [], [], 0.0
     for fold, tr, te, desc in folds:
         model, params, cfg, s = trained(args, fold, tr, desc, latent_dim=latent_dim, beta=beta)
@@ -108,6 +110,13 @@ def pooled_setting(args, folds, *, latent_dim, beta, predictors, figure=None, po
 
 METRICS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
            ("dice_best", "Dice"))
+ORDER = ("rec_error", "elbo_grad", "kl_grad", "rec_grad", "combi", "proj_rec_error", "intensity",
+         "ensemble", "ensemble+intensity")
+
+
+def _order(name):
+    base = name.removesuffix("+pp")
+    return (ORDER.index(base) if base in ORDER else len(ORDER), name.endswith("+pp"), name)
 
 
 def table(rows, paper=None, *, setting_label):
@@ -118,7 +127,7 @@ def table(rows, paper=None, *, setting_label):
     for setting, res in rows.items():
         entries = dict(res["predictors"])
         entries.update(res.get("ensemble", {}))
-        for pred, r in entries.items():
+        for pred, r in sorted(entries.items(), key=lambda kv: _order(kv[0])):
             p = (paper or {}).get(setting, {}).get(pred)
             vals = ["n/a" if r.get(k) is None or np.isnan(r[k]) else f"{r[k]:.3f}"
                     for k, _ in METRICS]

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxvae import pipeline
 from jaxvae.data.datasets import SliceSet
-from jaxvae.evaluate import EvalSettings, compute_maps, score_maps
+from jaxvae.evaluate import EvalSettings, compute_maps, row_order, score_maps
 from jaxvae.figures import map_figure
 from jaxvae.io import write_text
 from jaxvae.model import decode, encode
@@ -110,13 +110,6 @@ def pooled_setting(args, folds, *, latent_dim, beta, predictors, figure=None, po
 
 METRICS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
            ("dice_best", "Dice"))
-ORDER = ("rec_error", "elbo_grad", "kl_grad", "rec_grad", "combi", "proj_rec_error", "intensity",
-         "ensemble", "ensemble+intensity")
-
-
-def _order(name):
-    base = name.removesuffix("+pp")
-    return (ORDER.index(base) if base in ORDER else len(ORDER), name.endswith("+pp"), name)
 
 
 def table(rows, paper=None, *, setting_label):
@@ -127,7 +120,7 @@ def table(rows, paper=None, *, setting_label):
     for setting, res in rows.items():
         entries = dict(res["predictors"])
         entries.update(res.get("ensemble", {}))
-        for pred, r in sorted(entries.items(), key=lambda kv: _order(kv[0])):
+        for pred, r in sorted(entries.items(), key=lambda kv: row_order(kv[0])):
             p = (paper or {}).get(setting, {}).get(pred)
             vals = ["n/a" if r.get(k) is None or np.isnan(r[k]) else f"{r[k]:.3f}"
                     for k, _ in METRICS]

@@ -21,7 +21,7 @@ from jaxvae.model import decode, encode
 from jaxvae.train import TrainConfig, model_from_config, train
 
 # (n_healthy, n_lesion, epochs, projection steps): full < 5 min, quick < 1 min on 2 cores
-FULL = dict(n_healthy=16, n_lesion=8, epochs=40, proj_steps=100)
+FULL = dict(n_healthy=16, n_lesion=8, epochs=30, proj_steps=50)
 QUICK = dict(n_healthy=6, n_lesion=3, epochs=8, proj_steps=20)
 
 

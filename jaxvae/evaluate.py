@@ -16,13 +16,16 @@ import scipy.ndimage as ndi
 from tqdm.auto import tqdm
 
 from jaxvae.ensemble import fit_ensemble
-from jaxvae.io import write_text
+from jaxvae.io import all_or_nothing, write_text
 from jaxvae.metrics import evaluate_maps
 from jaxvae.predictors import PREDICTORS, anomaly_maps, check_predictors
 from jaxvae.projection import project
 
 ALL_PREDICTORS = (*PREDICTORS, "proj_rec_error")
 ENSEMBLE_FEATURES = ("rec_error", "kl_grad", "rec_grad")
+# table order: the paper's predictors, then the baseline and the ensembles
+ROW_ORDER = ("rec_error", "elbo_grad", "kl_grad", "rec_grad", "combi", "proj_rec_error",
+             "intensity", "ensemble", "ensemble+intensity")
 METRIC_COLUMNS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
                   ("dice_best", "best Dice"))
 
@@ -187,6 +190,13 @@ def _ensemble(maps, feats, slices, settings):
     return out
 
 
+def row_order(name):
+    """Sort key of a result row: ROW_ORDER, each map before its post-processed '+pp' row."""
+    base = name.removesuffix("+pp")
+    return (ROW_ORDER.index(base) if base in ROW_ORDER else len(ROW_ORDER),
+            name.endswith("+pp"), name)
+
+
 def _fmt(v):
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
@@ -197,7 +207,7 @@ def results_table(results, paper=None) -> str:
     lines = ["| predictor | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     rows = dict(results["predictors"])
     rows.update(results.get("ensemble", {}))
-    for name, r in rows.items():
+    for name, r in sorted(rows.items(), key=lambda kv: row_order(kv[0])):
         label = f"{name} (baseline)" if name == "intensity" else name
         vals = [_fmt(r.get(k)) for k, _ in METRIC_COLUMNS]
         if paper:
@@ -207,15 +217,16 @@ def results_table(results, paper=None) -> str:
 
 
 def write_results(results, out_dir, *, overwrite=False, paper=None, title="jaxvae results"):
-    """Write results.json and results.md (atomically) into out_dir."""
+    """Write results.json and results.md (atomically, both or neither) into out_dir."""
     from pathlib import Path
 
     out_dir = Path(out_dir)
     md = (f"# {title}\n\n{results['n_cases']} cases, {results['n_slices']} slices, "
           f"pixel metrics pooled over all test slices.\n\n" + results_table(results, paper))
-    write_text(out_dir / "results.json", json.dumps(results, indent=1, default=_json_default),
-               overwrite=overwrite)
-    write_text(out_dir / "results.md", md, overwrite=overwrite)
+    with all_or_nothing([out_dir / "results.json", out_dir / "results.md"]):
+        write_text(out_dir / "results.json",
+                   json.dumps(results, indent=1, default=_json_default), overwrite=overwrite)
+        write_text(out_dir / "results.md", md, overwrite=overwrite)
     return md
 
 

@@ -72,7 +72,9 @@ def parser() -> argparse.ArgumentParser:
 
     def verb(name, help_):
         p = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG[name])
-        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        # SUPPRESS: the sub-parser's default must not reset `jaxvae --debug <verb>` to False
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks")
         return p
 
     p = verb("train", "train a VAE / beta-VAE on healthy slices")
@@ -138,6 +140,7 @@ def cmd_train(args):
     from jaxvae import pipeline
     from jaxvae.train import AugmentConfig, TrainConfig, train
 
+    _check_outputs(args.out, [], args.overwrite)  # a file in the way: refuse before loading
     if args.coordinator:
         from jaxvae.parallel import initialize_distributed
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -189,8 +192,8 @@ def cmd_evaluate(args):
     from jaxvae.evaluate import score_dataset, write_results
 
     _check_outputs(args.out, ["results.json", "results.md"], args.overwrite)
+    settings = _settings(args, postprocess=args.postprocess)  # bad flags before slow loading
     model, params, cfg, test = _run_and_data(args)
-    settings = _settings(args, postprocess=args.postprocess)
     results, _ = score_dataset(model, params, test, beta=cfg.beta, settings=settings,
                                progress=True)
     results["run"] = str(args.run)
@@ -204,8 +207,9 @@ def cmd_score(args):
     from jaxvae import pipeline
     from jaxvae.train import load_run
 
+    settings = _settings(args)  # bad flags before slow loading
+    _check_outputs(args.out, [], args.overwrite)
     model, params, cfg = load_run(args.run)
-    settings = _settings(args)
     if args.input.is_dir():
         inputs = sorted(p for p in args.input.iterdir()
                         if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
@@ -230,7 +234,8 @@ def cmd_score(args):
             if args.strict or len(inputs) == 1:
                 raise
             failed.append(path)
-            print(f"jaxvae: skipped: {e}", file=sys.stderr)
+            # tqdm.write: on its own line, not glued to the progress bar
+            tqdm.write(f"jaxvae score: skipped: {_one_line(e)}", file=sys.stderr)
     print(f"wrote {len(written)} files for {len(inputs) - len(failed)} volume(s) to {args.out}"
           + (f"; {len(failed)} skipped" if failed else ""))
     if failed:
@@ -239,7 +244,11 @@ def cmd_score(args):
 
 
 def _check_outputs(out_dir, names, overwrite):
-    """Refuse up front (before minutes of work) when outputs exist and --overwrite is off."""
+    """Refuse up front (before minutes of work) when outputs exist and --overwrite is off,
+    or when the output folder cannot be created (a file is in the way)."""
+    from jaxvae.io import check_out_dir
+
+    check_out_dir(out_dir)
     for n in names:
         if (Path(out_dir) / n).exists() and not overwrite:
             raise OutputError(f"{Path(out_dir) / n}: already exists (use --overwrite)")
@@ -264,6 +273,11 @@ def cmd_bench(args):
         print(json.dumps(result, indent=1))
 
 
+def _one_line(e: BaseException) -> str:
+    """The first line of an error message (some carry an affine matrix below it)."""
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 COMMANDS = {"train": cmd_train, "score": cmd_score, "evaluate": cmd_evaluate, "demo": cmd_demo,
             "bench": cmd_bench}
 
@@ -275,8 +289,7 @@ def main(argv=None) -> int:
     except (JaxvaeError, OSError) as e:
         if args.debug:
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"jaxvae {args.verb}: error: {msg}", file=sys.stderr)
+        print(f"jaxvae {args.verb}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jaxvae {args.verb}: interrupted", file=sys.stderr)

@@ -1,7 +1,9 @@
 """Atomic file output: write to a temporary name in the same folder, then rename.
 
 A reader (or a crash) never sees a half-written file, and an existing file is only replaced
-when the caller says so.
+when the caller says so. After a SIGKILL a hidden `.<name>.<random>.tmp...` file may remain:
+it is never mistaken for an output (hidden, and folder scans skip dot-files) and is not
+removed automatically, since it could belong to another process writing the same folder.
 """
 
 import contextlib
@@ -40,6 +42,62 @@ def atomic_path(path, *, overwrite: bool = False):
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise
+
+
+def confined(out_dir, name: str) -> Path:
+    """`out_dir / name`, refusing a name that would land outside `out_dir`.
+
+    Output names are built from data (volume file stems, case IDs, predictor names); a name
+    such as `../x` or `/etc/x`, or a symlink leading out, must not write elsewhere.
+
+    Raises:
+      OutputError: `name` is empty, has a path separator or is `.`/`..`, or the path
+        resolves outside `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    seps = [s for s in (os.sep, os.altsep) if s]
+    if name in ("", ".", "..") or any(s in name for s in seps) or "\0" in name:
+        raise OutputError(f"{out_dir}: refusing output name {name!r}: it must be a plain file "
+                          "name inside the output folder")
+    path = out_dir / name
+    if not path.resolve().is_relative_to(out_dir.resolve()):
+        raise OutputError(f"{path}: resolves to {path.resolve()}, outside the output folder "
+                          f"{out_dir.resolve()}; refusing to write there")
+    return path
+
+
+def check_out_dir(out_dir) -> Path:
+    """Refuse up front (before minutes of work) an output folder that cannot be created.
+
+    Raises:
+      OutputError: `out_dir`, or the nearest of its parents that exists, is not a folder.
+    """
+    out_dir = Path(out_dir)
+    for p in (out_dir, *out_dir.absolute().parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == out_dir else f"cannot be created: {p} is a file"
+                raise OutputError(f"{out_dir}: output folder {what}, not a folder")
+            break
+    return out_dir
+
+
+@contextlib.contextmanager
+def all_or_nothing(paths):
+    """Remove the files among `paths` that this block created, if the block fails.
+
+    A set of outputs that belong together (the maps of one volume, results.json + .md) is
+    then either complete or absent after an error or Ctrl-C; files that existed before are
+    left alone. (Only SIGKILL can still stop it half-way: each file written is complete.)
+    """
+    new = [Path(p) for p in paths if not os.path.lexists(p)]
+    try:
+        yield
+    except BaseException:
+        for p in new:
+            with contextlib.suppress(OSError):
+                p.unlink()
         raise
 
 

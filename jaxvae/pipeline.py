@@ -30,6 +30,7 @@ from jaxvae.data.preprocess import PreprocessParams, brain_mask, maps_to_volume,
 from jaxvae.errors import ConfigError, DataError, OutputError
 from jaxvae.evaluate import EvalSettings, compute_maps
 from jaxvae.figures import map_figure
+from jaxvae.io import all_or_nothing, confined
 
 
 def cache_root() -> Path:
@@ -123,15 +124,17 @@ def score_volume(model, params, path, out_dir, *, beta=1.0, mask=None, settings=
       png: also write an overlay figure of the slices with the highest map values.
 
     Returns:
-      The paths written. Every map is computed before the first file is written, and each
-      file is written atomically.
+      The paths written. Every map is computed before the first file is written, each file
+      is written atomically, and an error while writing removes the maps already written.
     """
     settings = settings or EvalSettings()
     out_dir = Path(out_dir)
     stem = volume_stem(path)
-    targets = {p: out_dir / f"{stem}_{p}.nii.gz" for p in settings.predictors}
+    targets = {p: confined(out_dir, f"{stem}_{p}.nii.gz") for p in settings.predictors}
+    png_target = confined(out_dir, f"{stem}_maps.png") if png else None
+    outputs = [*targets.values(), *([png_target] if png else [])]
     if not overwrite:  # refuse before any work, not after minutes of scoring
-        existing = [str(t) for t in targets.values() if t.exists()]
+        existing = [str(t) for t in outputs if t.exists()]
         if existing:
             raise OutputError(f"{existing[0]}: already exists (use --overwrite to replace it)")
     volume = nifti.load_volume(path, volume_index=volume_index)
@@ -141,14 +144,15 @@ def score_volume(model, params, path, out_dir, *, beta=1.0, mask=None, settings=
     maps = compute_maps(model, params, images, beta=beta, settings=settings)
     brain_native = brain_mask(volume.data, mask_native, name=path)
     written = []
-    for name, target in targets.items():
-        native = volume.to_native(maps_to_volume(maps[name], geometry, brain_native))
-        written.append(nifti.save_volume(target, native, volume.affine, overwrite=overwrite))
-    if png:
-        score = sum(m / max(float(m.max()), 1e-12) for m in maps.values())
-        order = np.argsort(-score.reshape(len(score), -1).max(1))[:4]
-        target = out_dir / f"{stem}_maps.png"
-        map_figure(target, images, np.zeros_like(brain), maps, index=sorted(order.tolist()),
-                   overwrite=overwrite, title=str(Path(path).name))
-        written.append(target)
+    with all_or_nothing(outputs):  # all maps of the volume, or none of them
+        for name, target in targets.items():
+            native = volume.to_native(maps_to_volume(maps[name], geometry, brain_native))
+            written.append(nifti.save_volume(target, native, volume.affine, overwrite=overwrite))
+        if png:
+            score = sum(m / max(float(m.max()), 1e-12) for m in maps.values())
+            order = np.argsort(-score.reshape(len(score), -1).max(1))[:4]
+            map_figure(png_target, images, np.zeros_like(brain), maps,
+                       index=sorted(order.tolist()), overwrite=overwrite,
+                       title=str(Path(path).name))
+            written.append(png_target)
     return written

@@ -29,6 +29,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -379,13 +380,34 @@ def _abstract(tree, sharding):
                         tree)
 
 
+def _drop_closed_loop_reports() -> None:
+    """Silence the noise of a failed checkpoint read (once per process).
+
+    After one read fails, orbax closes its asyncio loop while tensorstore's other reads are
+    still running; each then reports RuntimeError('Event loop is closed') as an unraisable
+    traceback on stderr, before, after and interleaved with the RunError. Nothing awaits
+    those reads, so these reports, and only these, are dropped.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "jaxvae_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.jaxvae_drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
 def _check_shapes(path: Path, mgr, step, expected, cfg):
     try:
         stored = mgr.item_metadata(step)["params"]
     except Exception as e:  # orbax raises many types for unreadable metadata
+        msg = str(e).splitlines()[0] if str(e) else ""
         raise RunError(f"{path}: cannot read checkpoint metadata ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}); it is truncated or "
-                       f"corrupt") from None
+                       f"{msg[:300]}); it is truncated or corrupt") from None
     stored = getattr(stored, "tree", stored)
     got = {jax.tree_util.keystr(k): tuple(v.shape)
            for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
@@ -402,6 +424,7 @@ def _check_shapes(path: Path, mgr, step, expected, cfg):
 def _restore(mgr, step: int, cfg: TrainConfig, sharding, *, with_opt: bool):
     """Restore (params, opt_state or None, meta) of one checkpoint step, or raise RunError."""
     path = Path(mgr.directory) / str(step)
+    _drop_closed_loop_reports()  # before reading: some reports come while the read fails
     params0, opt0 = _abstract_state(cfg)
     _check_shapes(path, mgr, step, params0, cfg)
     items = {"params": ocp.args.StandardRestore(_abstract(params0, sharding)),

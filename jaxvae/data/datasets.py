@@ -16,7 +16,7 @@ import numpy as np
 from jaxvae.data import nifti
 from jaxvae.data.preprocess import PreprocessParams, SliceGeometry, preprocess_volume
 from jaxvae.errors import ConfigError, DataError
-from jaxvae.io import atomic_path
+from jaxvae.io import atomic_path, confined
 
 # BraTS renamed its modalities over the years (2023: t1n, t1c, t2w, t2f).
 _MODALITY_GROUPS = (("t1", "t1n"), ("t1ce", "t1c", "t1gd"), ("t2", "t2w"), ("flair", "t2f"))
@@ -278,7 +278,7 @@ def load_slices(cases, params: PreprocessParams | None = None, *, cache_dir=None
         arrays = None
         if cache_dir is not None:
             key = _digest([case.image_path, case.seg_path, case.mask_path], params)
-            cache = Path(cache_dir) / f"{case.case_id}-{key}.npz"
+            cache = confined(cache_dir, f"{case.case_id}-{key}.npz")
             arrays = _read_cache(cache) if cache.is_file() else None
         if arrays is None:
             arrays = _load_case(case, params)

@@ -100,7 +100,8 @@ def _read(path, *, volume_index=None) -> tuple[np.ndarray, np.ndarray]:
         n = shape[3]
         if volume_index is None and n != 1:
             raise DataError(f"{path}: 4D image with {n} volumes {shape}; "
-                            f"choose one with volume_index (0..{n - 1})")
+                            f"choose one with volume_index (0..{n - 1}; "
+                            "jaxvae score --volume-index)")
         index = 0 if volume_index is None else volume_index
     else:
         n, index = 1, volume_index or 0

@@ -30,14 +30,17 @@ def map_figure(path, images, lesion, maps, *, recon=None, index=None, case_ids=N
 
     Args:
       path: output PNG.
-      images, lesion: (S, H, W) slices and lesion masks.
+      images, lesion: (S, H, W) slices and lesion masks (lesion None: no truth column).
       maps: {name: (S, H, W)}; each column is scaled to its own 99.5th percentile.
       recon: optional (S, H, W) reconstructions.
       index: which slices (rows); default `pick_slices(lesion, case_ids=case_ids)`.
       case_ids: (S,) case of each slice, to show different cases.
     """
-    index = pick_slices(lesion, case_ids=case_ids) if index is None else list(index)
-    cols = [("input", images, "gray"), ("ground truth", lesion, "gray")]
+    if index is None:
+        index = pick_slices(lesion, case_ids=case_ids)
+    cols = [("input", images, "gray")]
+    if lesion is not None:
+        cols.append(("ground truth", lesion, "gray"))
     if recon is not None:
         cols.append(("reconstruction", recon, "gray"))
     cols += [(name, m, "inferno") for name, m in maps.items()]

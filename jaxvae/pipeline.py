@@ -151,7 +151,7 @@ def score_volume(model, params, path, out_dir, *, beta=1.0, mask=None, settings=
         if png:
             score = sum(m / max(float(m.max()), 1e-12) for m in maps.values())
             order = np.argsort(-score.reshape(len(score), -1).max(1))[:4]
-            map_figure(png_target, images, np.zeros_like(brain), maps,
+            map_figure(png_target, images, None, maps,
                        index=sorted(order.tolist()), overwrite=overwrite,
                        title=str(Path(path).name))
             written.append(png_target)

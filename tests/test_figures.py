@@ -24,3 +24,9 @@ def test_map_figure_writes_png_and_refuses_overwrite(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(OutputError):
         map_figure(path, images, lesion, {"m": images})
+
+
+def test_map_figure_without_truth_column(tmp_path):
+    images = np.random.default_rng(1).normal(size=(2, 16, 16))
+    map_figure(tmp_path / "g.png", images, None, {"m": images}, index=[1])
+    assert (tmp_path / "g.png").stat().st_size > 100

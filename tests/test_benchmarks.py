@@ -1,0 +1,184 @@
+"""Benchmark harness and PyTorch reference: structure and agreement, never timings."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxvae
+from jaxvae.predictors import GRADIENT_MAPS
+
+# benchmarks/ is a top-level folder beside the package, not installed with it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness, variants  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = jaxvae.ConvVAE(latent_dim=16)
+    params = jaxvae.init_params(model, jax.random.key(0))
+    x = jnp.clip(jax.random.normal(jax.random.key(1), (3, 64, 64, 1)) * 0.7, -1.5, 1.5)
+    return model, params, x
+
+
+def test_flop_count_matches_the_architecture():
+    macs = harness.model_macs(jaxvae.ConvVAE())
+    assert 2 * (macs["E"] + macs["D"]) == pytest.approx(40.9e6, rel=1e-3)
+    # the fused maps do half the useful work of three separate grads... plus the shared parts
+    assert harness.op_flops("grad_maps_naive", macs) > 1.9 * harness.op_flops(
+        "grad_maps_fused", macs)
+
+
+def test_jax_run_rows_have_the_required_keys(tmp_path):
+    out = tmp_path / "bench.json"
+    report = harness.run(batch_sizes=(2,), ops=("grad_maps_fused", "grad_maps_naive",
+                                                "projection", "train_step"),
+                         frameworks=("jax",), repeats=1, out=out, latent_dim=16,
+                         projection_steps=2, min_sample_s=0.0, peak_n=256, log=lambda *_: None)
+    assert {"machine", "peak_gflops", "rows", "ratios", "markdown"} <= set(report)
+    assert report["peak_gflops"] > 0 and len(report["rows"]) == 4
+    for row in report["rows"]:
+        assert set(harness.ROW_KEYS) <= set(row)
+        assert row["framework"] == "jax" and row["batch_size"] == 2
+        assert row["images_per_s"] > 0 and row["compile_s"] > 0 and row["gflops"] > 0
+    assert [r["kind"] for r in report["ratios"]] == ["fused/naive"]
+    on_disk = json.loads(out.read_text())
+    assert on_disk["rows"] == json.loads(json.dumps(report["rows"]))
+    assert "| grad_maps_fused | 2 |" in out.with_suffix(".md").read_text()
+
+
+def test_runs_jax_only_with_a_note_when_torch_is_absent(monkeypatch):
+    monkeypatch.setattr(harness, "_torch", lambda: (None, None, "No module named 'torch'"))
+    report = harness.run(batch_sizes=(2,), ops=("kl_grad",), repeats=1, latent_dim=16,
+                         min_sample_s=0.0, peak_n=256,
+                         log=lambda *_: None)
+    assert {r["framework"] for r in report["rows"]} == {"jax"}
+    assert "PyTorch not installed" in report["notes"][0] and "Note:" in report["markdown"]
+
+
+def test_unknown_op_is_refused():
+    with pytest.raises(ValueError, match="unknown op"):
+        harness.run(ops=("nope",), frameworks=("jax",))
+
+
+@pytest.mark.parametrize("conv", list(variants.CONVS))
+def test_encoder_conv_variants_are_exact(setup, conv):
+    model, params, x = setup
+    enc, _ = variants.make_model(model, conv=conv)
+    ref = jaxvae.encode(model, params, x)
+    for a, b in zip(ref, enc(params, x), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
+
+
+@pytest.mark.parametrize("tconv", list(variants.TCONVS))
+def test_decoder_tconv_variants_are_exact(setup, tconv):
+    model, params, x = setup
+    _, dec = variants.make_model(model, tconv=tconv)
+    z = jaxvae.encode(model, params, x)[0]
+    ref = jaxvae.decode(model, params, z)
+    np.testing.assert_allclose(dec(params, z), ref, atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("mode", ["vmap", "separate", "concat"])
+def test_fused_variant_maps_equal_library_maps(setup, mode):
+    model, params, x = setup
+    ref = jaxvae.anomaly_maps(model, params, x, beta=0.5, predictors=GRADIENT_MAPS)
+    f = variants.fused_grad_maps(*variants.make_model(model, conv="s2d"), beta=0.5, enc_vjp=mode)
+    got = jax.jit(f)(params, x)
+    for k in GRADIENT_MAPS:
+        np.testing.assert_allclose(got[k], ref[k], atol=1e-5 * float(ref[k].max()), err_msg=k)
+
+
+# ---- the PyTorch reference (optional dependency) --------------------------------------------
+
+@pytest.fixture(scope="module")
+def torch_ref(setup):
+    torch = pytest.importorskip("torch", reason="torch is not installed (the `bench` extra)")
+    from benchmarks import torch_reference as tr
+    model, params, _ = setup
+    return torch, tr, tr.from_flax(model, params).eval().requires_grad_(False)
+
+
+def _scale_close(got, ref, tol=1e-4, msg=""):
+    ref = np.asarray(ref)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=tol * np.abs(ref).max(),
+                               err_msg=msg)
+
+
+def test_weight_conversion_reproduces_encoder_and_decoder(setup, torch_ref):
+    _, tr, tmodel = torch_ref
+    model, params, x = setup
+    mu, ls = jaxvae.encode(model, params, x)
+    tmu, tls = tmodel.encode(tr.to_torch(x))
+    _scale_close(tmu, mu, msg="mu")
+    _scale_close(tls, ls, msg="log_sigma")
+    # a code far from the tiny untrained mu, so every decoder weight matters
+    z = jax.random.normal(jax.random.key(2), mu.shape)
+    torch = torch_ref[0]
+    _scale_close(tmodel.decode(torch.from_numpy(np.array(z)))[:, 0],
+                 jaxvae.decode(model, params, z)[..., 0], msg="reconstruction")
+
+
+def test_conversion_catches_a_wrong_flatten_order(setup, torch_ref):
+    torch, tr, _ = torch_ref
+    model, params, x = setup
+    sd = tr.convert_params(params, tuple(model.channels))
+    wrong = tr.TorchConvVAE(model.latent_dim)
+    sd["enc_head.weight"] = torch.from_numpy(np.asarray(params["enc_head"]["kernel"]).T.copy())
+    wrong.load_state_dict(sd)
+    mu = jaxvae.encode(model, params, x)[0]
+    assert not np.allclose(wrong.encode(tr.to_torch(x))[0].detach().numpy(), mu, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["naive", "retain_graph", "fwd1_bwd2", "batched_vjp"])
+def test_torch_gradient_maps_agree_with_jax(setup, torch_ref, variant):
+    _, tr, tmodel = torch_ref
+    model, params, x = setup
+    ref = jaxvae.anomaly_maps(model, params, x, beta=0.5, predictors=GRADIENT_MAPS)
+    got = tr.grad_maps(tmodel, tr.to_torch(x), beta=0.5, variant=variant)
+    for k in GRADIENT_MAPS:
+        _scale_close(got[k], ref[k], msg=f"{variant} {k}")
+
+
+@pytest.mark.parametrize("name", jaxvae.PREDICTORS)
+def test_torch_predictors_agree_with_jax(setup, torch_ref, name):
+    _, tr, tmodel = torch_ref
+    model, params, x = setup
+    ref = jaxvae.anomaly_maps(model, params, x, beta=0.5, predictors=[name])[name]
+    _scale_close(tr.predictor(tmodel, tr.to_torch(x), name, beta=0.5), ref, msg=name)
+
+
+def test_torch_projection_agrees_with_jax(setup, torch_ref):
+    _, tr, tmodel = torch_ref
+    model, params, x = setup
+    ref = jaxvae.project(model, params, x, steps=5)[1]
+    _scale_close(tr.project(tmodel, tr.to_torch(x), steps=5)[1], ref)
+
+
+def test_agreement_check_passes_and_fails_loudly(setup, torch_ref):
+    _, tr, tmodel = torch_ref
+    model, params, x = setup
+    kw = dict(beta=1.0, sigma=3.0, steps=2, lam=1.0, lr=0.03)
+    errs = harness.check_agreement(model, params, tr, tmodel, x,
+                                   ops=("grad_maps_fused", "rec_error", "train_step"), **kw)
+    assert "train_step.loss" in errs and max(errs.values()) < 1e-4
+    other = jaxvae.init_params(model, jax.random.key(7))
+    with pytest.raises(harness.AgreementError, match="disagrees"):
+        harness.check_agreement(model, other, tr, tmodel, x, ops=("kl_grad",), **kw)
+
+
+def test_torch_rows_and_ratios(torch_ref):
+    report = harness.run(batch_sizes=(2,), ops=("grad_maps_fused", "grad_maps_naive"),
+                         repeats=1, latent_dim=16, min_sample_s=0.0, peak_n=256,
+                         log=lambda *_: None)
+    fws = {(r["framework"], r["op"]) for r in report["rows"]}
+    assert ("torch", "grad_maps_fused") in fws and ("jax", "grad_maps_naive") in fws
+    kinds = sorted(r["kind"] for r in report["ratios"])
+    assert kinds == ["fused/naive", "fused/naive", "jax/torch", "jax/torch"]
+    fused = next(r for r in report["rows"] if r["framework"] == "torch"
+                 and r["op"] == "grad_maps_fused")
+    assert fused["variant"] in harness.FUSED_TORCH_VARIANTS

@@ -1,0 +1,41 @@
+"""Compact markdown of experiment results: one row per predictor, one column per setting.
+
+    python experiments/summary.py results/table1/table1.json results/table2/table2.json
+
+Each cell: pooled AUROC (the paper's AUROC) / AUPRC / best Dice.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jaxvae.evaluate import ROW_ORDER  # noqa: E402
+
+
+def _f(x):
+    return "–" if x is None else f"{x:.3f}"
+
+
+def compact(payload) -> str:
+    res, paper = payload["results"], payload.get("paper") or {}
+    cols = list(res)
+    lines = ["| predictor | " + " | ".join(f"{s}: AUROC (paper) / AUPRC / Dice" for s in cols)
+             + " |", "|---" * (len(cols) + 1) + "|"]
+    for p in ROW_ORDER:
+        cells = []
+        for s in cols:
+            rows = {**res[s]["predictors"], **res[s].get("ensemble", {})}
+            m = rows.get(p)
+            cells.append("–" if m is None else f"**{_f(m['auroc'])}** "
+                         f"({_f((paper.get(s) or {}).get(p))}) / {_f(m['auprc'])} / "
+                         f"{_f(m['dice_best'])}")
+        if set(cells) != {"–"}:
+            name = "intensity (baseline)" if p == "intensity" else p
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        print(compact(json.loads(Path(path).read_text())))

@@ -481,7 +481,9 @@ def compare_train(batch, repeats, log=print) -> dict:
     g_ref = jax.jit(jax.grad(ref_loss))(params, x, key)
     errs = {}
     for name, kw in [("xla", {}), ("s2d+s2d_t", {"conv": "s2d", "tconv": "s2d_t"}),
-                     ("s2d+xla", {"conv": "s2d"}), ("xla+s2d_t", {"tconv": "s2d_t"})]:
+                     ("s2d+xla", {"conv": "s2d"}), ("xla+s2d_t", {"tconv": "s2d_t"}),
+                     ("xla+s2d_t_dot", {"tconv": "s2d_t_dot"}),
+                     ("s2d_dot+s2d_t", {"conv": "s2d_dot", "tconv": "s2d_t"})]:
         opt, step, loss_fn = train_step_fn(*make_model(model, **kw))
         g = jax.jit(jax.grad(loss_fn))(params, x, key)
         errs[name] = max(_rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(g_ref),

@@ -93,6 +93,15 @@ def test_fused_variant_maps_equal_library_maps(setup, mode):
         np.testing.assert_allclose(got[k], ref[k], atol=1e-5 * float(ref[k].max()), err_msg=k)
 
 
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_chunked_projection_equals_library_projection(setup, chunk):
+    model, params, x = setup
+    ref = jaxvae.project(model, params, x, steps=3)[1]
+    run = variants.chunked_projection(*variants.make_model(model, tconv="s2d_t"), steps=3,
+                                      chunk=chunk)
+    np.testing.assert_allclose(run(params, x), ref, atol=1e-5 * float(ref.max()))
+
+
 # ---- the PyTorch reference (optional dependency) --------------------------------------------
 
 @pytest.fixture(scope="module")

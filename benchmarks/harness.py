@@ -226,27 +226,17 @@ def _naive_grad_fns(model, beta, sigma):
 
 
 def _library_train_step(model, beta):
-    """jaxvae.train.make_train_step(model, lr=1e-4, beta) where it exists, else None."""
-    try:
-        from jaxvae.train import make_train_step
-    except ImportError:
-        return None
+    """jaxvae.train.make_train_step(model, lr=1e-4, beta), without augmentation."""
+    from jaxvae.train import make_train_step
+
     return make_train_step(model, lr=1e-4, beta=float(beta), augment=None)
-
-
-def _has_library_train() -> bool:
-    try:
-        from jaxvae.train import make_train_step  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def make_jax_train_step(model, beta=1.0, lr=1e-4):
     """(init(params) -> opt_state, step(params, opt_state, x, key, i) -> (params, state, loss)).
 
-    The fallback where jaxvae.train is absent: the plain optax beta-ELBO Adam step, batch
-    mean, reparameterised z with key fold_in(key, i).
+    The plain optax beta-ELBO Adam step (batch mean, reparameterised z with key
+    fold_in(key, i)): the baseline `benchmarks.variants` compares conv formulations against.
     """
     opt = optax.adam(lr)
 
@@ -271,24 +261,13 @@ def jax_case(op, model, params, x, *, beta, sigma, steps, lam, lr) -> Case:
                     sum(s[1] for s in stages), sum(s[2] or 0.0 for s in stages) or None)
     if op == "train_step":
         key = jax.random.key(42)
-        lib = _library_train_step(model, beta)
-        if lib is not None:  # jaxvae.train's own jitted step (no augmentation)
-            state = {"p": params, "o": optax.adam(1e-4).init(params)}
-            c, dt, fl = _aot(lib, state["p"], state["o"], x, key)
-
-            def call():
-                state["p"], state["o"], metrics = c(state["p"], state["o"], x, key)
-                _block(metrics)
-
-            return Case(call, dt, fl)
-        init, step = make_jax_train_step(model, beta)
-        state = {"p": params, "o": init(params), "i": jnp.zeros((), jnp.int32)}
-        c, dt, fl = _aot(step, state["p"], state["o"], x, key, state["i"])
+        lib = _library_train_step(model, beta)  # jaxvae.train's own jitted step
+        state = {"p": params, "o": optax.adam(1e-4).init(params)}
+        c, dt, fl = _aot(lib, state["p"], state["o"], x, key)
 
         def call():
-            state["p"], state["o"], loss = c(state["p"], state["o"], x, key, state["i"])
-            state["i"] = state["i"] + 1
-            _block(loss)
+            state["p"], state["o"], metrics = c(state["p"], state["o"], x, key)
+            _block(metrics)
 
         return Case(call, dt, fl)
     if op == "grad_maps_fused":
@@ -470,9 +449,7 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
     report = {"machine": _machine(torch), "settings": dict(
         batch_sizes=list(batch_sizes), ops=list(ops), frameworks=fws, repeats=repeats,
         latent_dim=latent_dim, beta=beta, sigma=sigma, projection_steps=projection_steps,
-        lam=lam, lr=lr, train_step="jaxvae.train.make_train_step (adam 1e-4, no augmentation)"
-        if _has_library_train() else
-        "benchmarks.harness.make_jax_train_step (optax adam 1e-4)",
+        lam=lam, lr=lr, train_step="jaxvae.train.make_train_step (adam 1e-4, no augmentation)",
         flops="analytic useful FLOPs (benchmarks.harness.op_flops); xla_mflop_per_image is "
               "XLA cost_analysis of the compiled JAX program",
         precision="framework defaults for timing; agreement checked at full float32")}

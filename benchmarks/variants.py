@@ -1,4 +1,9 @@
-"""Faster formulations of the ConvVAE and its maps, prototyped and measured against jaxvae.
+"""Formulations of the ConvVAE and its maps, prototyped and measured against jaxvae.
+
+The winners are in the library: the s2d convolutions (jaxvae.model, conv_impl "auto" on
+CPU), chunks of unrolled Adam steps for the projection (jaxvae.projection) and 64-image
+chunks for the maps (jaxvae.predictors). The "xla" variants here are the textbook forms the
+library used before; "library" rows time jaxvae itself.
 
 Every variant is a pure function of the *Flax* params (no new parameters, no retraining) and
 must reproduce the library's maps to 1e-5 of their scale before it is timed.
@@ -36,6 +41,7 @@ from jax import lax
 import jaxvae
 from jaxvae import losses
 from jaxvae.io import write_text
+from jaxvae.model import phases_to_image, s2d_kernel, s2d_transpose_kernel, space_to_depth
 from jaxvae.predictors import GRADIENT_MAPS, smooth
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -58,18 +64,8 @@ def conv_xla_nchw(x, k):
     return lax.conv_general_dilated(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NCHW)
 
 
-def _s2d(x):
-    """Pad 1 and fold 2x2 blocks into channels: (N, H, W, C) -> (N, H/2+1, W/2+1, 4C) (u, v, c)."""
-    n, h, w, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    xp = xp.reshape(n, h // 2 + 1, 2, w // 2 + 1, 2, c).transpose(0, 1, 3, 2, 4, 5)
-    return xp.reshape(n, h // 2 + 1, w // 2 + 1, 4 * c)
-
-
-def _s2d_kernel(k):
-    """(4, 4, C, O) -> (2, 2, 4C, O): K2[p, q, (u, v, c)] = K[2p + u, 2q + v, c]."""
-    _, _, c, o = k.shape
-    return k.reshape(2, 2, 2, 2, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * c, o)
+_s2d = space_to_depth
+_s2d_kernel = s2d_kernel
 
 
 def conv_s2d(x, k):
@@ -156,18 +152,8 @@ def tconv_phases(h, k):
     return _d2s(jnp.concatenate(ys, -1), k.shape[-1])
 
 
-def _s2d_t_kernel(k):
-    """(4, 4, C, O) -> (2, 2, C, 4 O): K'[p, q, c, (ry, rx, o)] = K[2p + ry, 2q + rx, c, o]."""
-    c, o = k.shape[2:]
-    return k.reshape(2, 2, 2, 2, c, o).transpose(0, 2, 4, 1, 3, 5).reshape(2, 2, c, 4 * o)
-
-
-def _phases_to_image(y, hh, ww, o):
-    """(N, H+1, W+1, 4 O) phase outputs -> (N, 2H, 2W, O): out[2i+ry, 2j+rx] = y[i+ry, j+rx]."""
-    y = y.reshape(*y.shape[:3], 2, 2, o)
-    rows = [jnp.stack([y[:, ry:ry + hh, rx:rx + ww, ry, rx] for rx in (0, 1)], axis=3)
-            for ry in (0, 1)]
-    return jnp.stack(rows, axis=2).reshape(y.shape[0], 2 * hh, 2 * ww, o)
+_s2d_t_kernel = s2d_transpose_kernel
+_phases_to_image = phases_to_image
 
 
 def tconv_s2d(h, k):

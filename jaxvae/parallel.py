@@ -166,6 +166,8 @@ def sharded_maps(model, params, x, *, mesh: Mesh | None = None, **kwargs) -> dic
       dict name -> (N, 64, 64) jax.Array sharded over the devices.
     """
     params, xs, n = _sharded_inputs(params, x, mesh)
+    # one call over the whole sharded batch: CPU chunking would slice across devices
+    kwargs.setdefault("chunk_size", 0)
     return {k: v[:n] for k, v in anomaly_maps(model, params, xs, **kwargs).items()}
 
 

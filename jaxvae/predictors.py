@@ -20,6 +20,17 @@ from jaxvae.model import ConvVAE, decode, encode
 PREDICTORS = ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi")
 GRADIENT_MAPS = ("rec_grad", "kl_grad", "elbo_grad")
 
+# Images per compiled call on CPU. A batch of 64 keeps the activations of one pass in cache;
+# at batch 256 the same program runs 1.3x slower per image (measured on a 2-core EPYC:
+# 745 vs 969 images/s for the three gradient maps), so larger batches are cut into chunks of
+# 64. Accelerators want large batches: no chunking there.
+CPU_CHUNK = 64
+
+
+def default_chunk_size() -> int:
+    """Images per compiled call for anomaly_maps: CPU_CHUNK on CPU, 0 (no chunking) else."""
+    return CPU_CHUNK if jax.default_backend() == "cpu" else 0
+
 
 def gaussian_matrix(size: int, sigma: float):
     """(size, size) matrix K such that K @ img @ K.T is a zero-padded Gaussian blur.
@@ -51,12 +62,22 @@ def _minmax(a):
     return (a - lo) / jnp.maximum(hi - lo, jnp.finfo(a.dtype).tiny)
 
 
+def _combi(kl_abs, nll, smooth_sigma):
+    """Zimmerer's combi: smooth(min-max over the batch of |kl_grad|) * rec NLL, (N, H, W)."""
+    return smooth(_minmax(kl_abs), smooth_sigma) * nll
+
+
+_combi_jit = jax.jit(_combi, static_argnames="smooth_sigma")
+
+
 def _sum_pixels(a):
     return jnp.sum(a, axis=tuple(range(1, a.ndim)))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "predictors", "n_samples", "smooth_sigma"))
-def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_sigma):
+@functools.partial(jax.jit, static_argnames=("model", "predictors", "n_samples", "smooth_sigma",
+                                             "defer_combi"))
+def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_sigma,
+                  defer_combi=False):
     want = set(predictors)
     need_rec = bool(want & {"rec_error", "rec_grad", "elbo_grad", "combi"})
     need_rec_grad = bool(want & {"rec_grad", "elbo_grad"})
@@ -109,8 +130,10 @@ def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_
         out["kl_grad"] = smooth(to_map(jnp.abs(g_kl)), smooth_sigma)
     if "elbo_grad" in want:
         out["elbo_grad"] = smooth(to_map(jnp.abs(g_rec + beta * g_kl)), smooth_sigma)
-    if "combi" in want:
-        out["combi"] = smooth(_minmax(to_map(jnp.abs(g_kl))), smooth_sigma) * to_map(nll)
+    if "combi" in want and defer_combi:  # normalised over the whole batch by the caller
+        out["_kl_abs"], out["_nll"] = to_map(jnp.abs(g_kl)), to_map(nll)
+    elif "combi" in want:
+        out["combi"] = _combi(to_map(jnp.abs(g_kl)), to_map(nll), smooth_sigma)
     return out
 
 
@@ -128,7 +151,7 @@ def check_predictors(predictors, allowed=PREDICTORS) -> tuple[str, ...]:
 
 
 def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth_sigma=3.0,
-                 n_samples=0, key=None) -> dict:
+                 n_samples=0, key=None, chunk_size=None) -> dict:
     """Per-pixel anomaly maps of a batch, computed together from one forward pass.
 
     Args:
@@ -142,7 +165,9 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
         smoothed.
       n_samples: 0 = z is mu (the default, as in the reference code); n > 0 averages the
         reconstruction loss over n reparameterised samples drawn with `key`.
-      key: PRNG key, required when n_samples > 0.
+      key: PRNG key, required when n_samples > 0 (chunk i draws with fold_in(key, i)).
+      chunk_size: images per compiled call; larger batches are cut into chunks (results
+        are the same). None = default_chunk_size(): 64 on CPU, no chunking on GPU/TPU.
 
     Returns:
       dict name -> (N, 64, 64) float32 map; larger means more anomalous.
@@ -156,5 +181,16 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
         key = jax.random.key(0)  # unused when n_samples == 0; keeps one compiled signature
     x = jnp.asarray(x)
     x = x.astype(jnp.result_type(x.dtype, jnp.float32))  # float32, or float64 under x64
-    return _anomaly_maps(model, params, x, jnp.asarray(beta, x.dtype), key, predictors=predictors,
-                         n_samples=int(n_samples), smooth_sigma=float(smooth_sigma))
+    kw = dict(predictors=predictors, n_samples=int(n_samples), smooth_sigma=float(smooth_sigma))
+    beta = jnp.asarray(beta, x.dtype)
+    chunk = default_chunk_size() if chunk_size is None else int(chunk_size)
+    if chunk <= 0 or x.shape[0] <= chunk:
+        return _anomaly_maps(model, params, x, beta, key, **kw)
+    parts = [_anomaly_maps(model, params, x[i:i + chunk], beta,
+                           jax.random.fold_in(key, i // chunk), defer_combi=True, **kw)
+             for i in range(0, x.shape[0], chunk)]
+    out = {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if "combi" in predictors:
+        out["combi"] = _combi_jit(out.pop("_kl_abs"), out.pop("_nll"),
+                                  smooth_sigma=kw["smooth_sigma"])
+    return out

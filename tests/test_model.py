@@ -47,3 +47,48 @@ def test_losses_hand_values():
                                       jnp.zeros((1, 1)), beta=2.0)
     np.testing.assert_allclose(rec, [2.5 + 2 * losses.HALF_LOG_2PI], rtol=1e-6)
     np.testing.assert_allclose(loss, rec + 2.0 * kl2, rtol=1e-6)
+
+
+class _FlaxLayersVAE(jaxvae.ConvVAE):
+    """The textbook model: flax nn.Conv / nn.ConvTranspose layers (the plain formulation)."""
+
+    def setup(self):
+        import flax.linen as nn
+        kw = dict(kernel_size=(4, 4), strides=(2, 2), use_bias=False)
+        self.enc_convs = [nn.Conv(c, padding=((1, 1), (1, 1)), **kw) for c in self.channels]
+        self.enc_head = nn.Dense(2 * self.latent_dim, use_bias=False)
+        self.dec_head = nn.Dense(self._bottom**2 * self.channels[-1], use_bias=False)
+        self.dec_convs = [nn.ConvTranspose(c, padding=((2, 2), (2, 2)), **kw)
+                          for c in [*self.channels[-2::-1], 1]]
+
+
+def _loss(model, params, x):
+    recon, aux = model.apply({"params": params}, x)
+    return jnp.sum(jnp.sin(3 * recon)) + jnp.sum(aux["mu"] ** 2) + jnp.sum(aux["log_sigma"])
+
+
+@pytest.mark.parametrize("impl", ["lax", "s2d", "auto"])
+def test_conv_impls_equal_flax_conv_layers(impl):
+    ref_model = _FlaxLayersVAE(latent_dim=32)
+    model = jaxvae.ConvVAE(latent_dim=32, conv_impl=impl)
+    ref = jaxvae.init_params(ref_model, jax.random.key(3))
+    params = jaxvae.init_params(model, jax.random.key(3))
+    # same names, shapes and initial values: checkpoints are interchangeable
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ref, params)
+    x = jax.random.normal(jax.random.key(4), (3, 64, 64, 1))
+    with jax.enable_x64(True):  # float64: no LeakyReLU branch flips from rounding
+        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+        x64 = jnp.asarray(x, jnp.float64)
+        want = jax.grad(_loss, argnums=(1, 2))(ref_model, p64, x64)
+        got = jax.grad(_loss, argnums=(1, 2))(model, p64, x64)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9,
+                                                                       atol=1e-12), want, got)
+        np.testing.assert_allclose(model.apply({"params": p64}, x64)[0],
+                                   ref_model.apply({"params": p64}, x64)[0], rtol=1e-9, atol=1e-12)
+
+
+def test_conv_impl_auto_is_s2d_on_cpu_and_names_are_checked():
+    from jaxvae.model import resolve_conv_impl
+    assert resolve_conv_impl("auto") == ("s2d" if jax.default_backend() == "cpu" else "lax")
+    with pytest.raises(ValueError, match="conv_impl"):
+        resolve_conv_impl("fast")

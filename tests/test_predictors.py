@@ -150,3 +150,19 @@ def test_compiled_once_per_shape(setup):
     jaxvae.anomaly_maps(model, params, x + 1.0, predictors=["kl_grad", "rec_grad"], beta=2.0)
     jaxvae.anomaly_maps(model, params, np.asarray(x) * 2, predictors="rec_grad,kl_grad")
     assert _anomaly_maps._cache_size() == before
+
+
+def test_large_batches_are_cut_into_chunks_with_the_same_maps(setup):
+    model, params, x = setup
+    xs = jnp.concatenate([x, x[::-1] * 0.5])  # 6 images
+    whole = jaxvae.anomaly_maps(model, params, xs, beta=BETA, chunk_size=0)
+    before = _anomaly_maps._cache_size()
+    chunked = jaxvae.anomaly_maps(model, params, xs, beta=BETA, chunk_size=4)  # 4 + 2
+    assert _anomaly_maps._cache_size() == before + 2  # two new shapes: 4 and 2 images
+    for k in whole:
+        assert chunked[k].shape == (6, 64, 64)
+        np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    # Monte-Carlo draws differ per chunk (fold_in), not repeated chunk after chunk
+    mc = jaxvae.anomaly_maps(model, params, jnp.concatenate([x[:2]] * 2), n_samples=1,
+                             key=jax.random.key(3), chunk_size=2, predictors=["rec_grad"])
+    assert not np.allclose(mc["rec_grad"][:2], mc["rec_grad"][2:])

@@ -1,10 +1,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxvae
-from jaxvae.projection import _project, energy
+from jaxvae.projection import CHUNK, _adam_steps, energy
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +58,30 @@ def test_diff_map_and_validation(setup):
         jaxvae.project(model, params, x, map_kind="nope")
 
 
+def test_chunked_steps_equal_one_plain_adam_loop(setup):
+    # the plain formulation: one lax.fori_loop of optax Adam steps over the whole projection
+    model, params, x = setup
+    steps, lam, lr = 2 * CHUNK + 3, 0.3, 0.02
+    with jax.enable_x64(True):  # float64: the two programs round differently in float32
+        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+        x0 = jnp.asarray(x, jnp.float64)
+        opt = optax.adam(lr)
+        grad_e = jax.grad(lambda x: jnp.sum(energy(model, p64, x, x0, lam)))
+
+        def step(_, carry):
+            updates, state = opt.update(grad_e(carry[0]), carry[1], carry[0])
+            return optax.apply_updates(carry[0], updates), state
+
+        want, _ = jax.lax.fori_loop(0, steps, step, (x0, opt.init(x0)))
+        got, m = jaxvae.project(model, p64, x0, steps=steps, lam=lam, lr=lr)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+        rec = jaxvae.decode(model, p64, jaxvae.encode(model, p64, want)[0])
+        np.testing.assert_allclose(m, ((x0 - rec) ** 2)[..., 0], rtol=1e-9, atol=1e-12)
+
+
 def test_projection_compiled_once(setup):
     model, params, x = setup
-    jaxvae.project(model, params, x, steps=2, lam=0.1)
-    n = _project._cache_size()
-    jaxvae.project(model, params, x * 2, steps=2, lam=0.3, lr=0.01)
-    assert _project._cache_size() == n
+    jaxvae.project(model, params, x, steps=CHUNK + 2, lam=0.1)
+    n = _adam_steps._cache_size()
+    jaxvae.project(model, params, x * 2, steps=CHUNK + 2, lam=0.3, lr=0.01)
+    assert _adam_steps._cache_size() == n

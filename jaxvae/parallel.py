@@ -182,6 +182,7 @@ def sharded_project(model, params, x, *, mesh: Mesh | None = None, **kwargs):
       (x_projected (N, 64, 64, 1), map (N, 64, 64)).
     """
     params, xs, n = _sharded_inputs(params, x, mesh)
+    kwargs.setdefault("chunk_size", 0)  # as in sharded_maps
     x_proj, maps = project(model, params, xs, **kwargs)
     return x_proj[:n], maps[:n]
 

@@ -23,13 +23,14 @@ GRADIENT_MAPS = ("rec_grad", "kl_grad", "elbo_grad")
 # Images per compiled call on CPU. A batch of 64 keeps the activations of one pass in cache;
 # at batch 256 the same program runs 1.3x slower per image (measured on a 2-core EPYC:
 # 745 vs 969 images/s for the three gradient maps), so larger batches are cut into chunks of
-# 64. Accelerators want large batches: no chunking there.
+# 64 for the maps and the projection (and into micro-batches for the gradient of the train
+# step, see jaxvae.train). Accelerators want large batches: no chunking there.
 CPU_CHUNK = 64
 
 
-def default_chunk_size() -> int:
-    """Images per compiled call for anomaly_maps: CPU_CHUNK on CPU, 0 (no chunking) else."""
-    return CPU_CHUNK if jax.default_backend() == "cpu" else 0
+def default_chunk_size(cpu: int = CPU_CHUNK) -> int:
+    """Images per chunk: `cpu` on the CPU backend, 0 (no chunking) on accelerators."""
+    return cpu if jax.default_backend() == "cpu" else 0
 
 
 def gaussian_matrix(size: int, sigma: float):

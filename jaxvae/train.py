@@ -44,7 +44,8 @@ from jax.scipy.ndimage import map_coordinates
 from jaxvae import losses, parallel
 from jaxvae.errors import ConfigError, DataError, OutputError, RunError
 from jaxvae.io import write_text
-from jaxvae.model import ConvVAE, init_params
+from jaxvae.model import ConvVAE, decode, encode, init_params
+from jaxvae.predictors import default_chunk_size
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -283,6 +284,13 @@ Returns:
 # --------------------------------------------------------------------------- train step
 
 
+# Images per micro-batch on CPU. The activations of a small micro-batch stay in cache: measured
+# on a 2-core EPYC, batch 256 trains at 334 images/s in one piece and 590 / 676 / 654 images/s
+# in micro-batches of 64 / 32 / 16 (batch 64: 511 in one piece, 543 in two halves, which is
+# within the noise).
+TRAIN_CPU_CHUNK = 32
+
+
 @functools.lru_cache(maxsize=32)
 def make_train_step(model: ConvVAE, *, lr: float, beta: float,
                     augment: AugmentConfig | None = None, mesh=None):
@@ -305,6 +313,16 @@ def make_train_step(model: ConvVAE, *, lr: float, beta: float,
         (params, opt_state, {"loss", "rec", "kl"}: batch means of the per-image values).
     """
     opt = optax.adam(lr)
+    # CPU: the gradient is summed over micro-batches (unrolled in the one compiled step); a
+    # sharded batch is one call, as are accelerators
+    chunk = default_chunk_size(TRAIN_CPU_CHUNK) if mesh is None else 0
+
+    def sums(p, x, eps):
+        # as model.apply(x, key): z = mu + sigma * eps with eps ~ N(0, 1) of shape mu.shape
+        mu, log_sigma = encode(model, p, x)
+        x_hat = decode(model, p, mu + jnp.exp(log_sigma) * eps)
+        loss, rec, kl = losses.beta_elbo(x, x_hat, mu, log_sigma, beta)
+        return jnp.sum(loss), jnp.stack([jnp.sum(loss), jnp.sum(rec), jnp.sum(kl)])
 
     def train_step(params, opt_state, batch, key):
         if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -312,14 +330,16 @@ def make_train_step(model: ConvVAE, *, lr: float, beta: float,
         x = batch[..., None] if batch.ndim == 3 else batch
         if augment is not None:
             x = _augment_batch(jax.random.fold_in(key, 0), x[..., 0], augment)[..., None]
-
-        def loss_fn(p):
-            x_hat, aux = model.apply({"params": p}, x, key=jax.random.fold_in(key, 1))
-            loss, rec, kl = losses.beta_elbo(x, x_hat, aux["mu"], aux["log_sigma"], beta)
-            return jnp.mean(loss), {"loss": jnp.mean(loss), "rec": jnp.mean(rec),
-                                    "kl": jnp.mean(kl)}
-
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
+        n = x.shape[0]
+        eps = jax.random.normal(jax.random.fold_in(key, 1), (n, model.latent_dim), x.dtype)
+        size = chunk if 0 < chunk < n else n
+        grads, total = None, None
+        for i in range(0, n, size):  # unrolled: one compiled step
+            g, t = jax.grad(sums, has_aux=True)(params, x[i:i + size], eps[i:i + size])
+            grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+            total = t if total is None else total + t
+        grads = jax.tree_util.tree_map(lambda g: g / n, grads)  # gradient of the batch mean
+        metrics = dict(zip(("loss", "rec", "kl"), total / n, strict=True))
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
 

@@ -85,3 +85,13 @@ def test_projection_compiled_once(setup):
     n = _adam_steps._cache_size()
     jaxvae.project(model, params, x * 2, steps=CHUNK + 2, lam=0.3, lr=0.01)
     assert _adam_steps._cache_size() == n
+
+
+def test_projection_chunk_by_chunk_equals_all_at_once(setup):
+    model, params, x = setup
+    xs = jnp.concatenate([x, x[:1] * 0.3])  # 3 images
+    whole = jaxvae.project(model, params, xs, steps=4, lam=0.2, chunk_size=0)
+    parts = jaxvae.project(model, params, xs, steps=4, lam=0.2, chunk_size=2)  # 2 + 1
+    for a, b in zip(parts, whole, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

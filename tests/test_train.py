@@ -190,6 +190,23 @@ def test_train_step_is_the_reference_step_and_compiles_once():
     assert step._cache_size() == 1
 
 
+def test_micro_batched_gradient_is_the_whole_batch_gradient(monkeypatch):
+    import importlib
+    train_mod = importlib.import_module("jaxvae.train")  # jaxvae.train is also a function
+    model = model_from_config(tiny())
+    params, opt_state = init_state(tiny())
+    batch, key = jnp.asarray(images(10)), jax.random.key(3)
+    build = make_train_step.__wrapped__  # uncached: the chunk size is read when building
+    monkeypatch.setattr(train_mod, "default_chunk_size", lambda cpu: 0)
+    p_whole, _, m_whole = build(model, lr=1e-3, beta=0.5)(params, opt_state, batch, key)
+    monkeypatch.setattr(train_mod, "default_chunk_size", lambda cpu: 4)  # 4 + 4 + 2 images
+    p_micro, _, m_micro = build(model, lr=1e-3, beta=0.5)(params, opt_state, batch, key)
+    for k in ("loss", "rec", "kl"):
+        np.testing.assert_allclose(m_micro[k], m_whole[k], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(p_micro), jax.tree.leaves(p_whole), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_epoch_permutation_depends_on_seed_and_epoch_only():
     a = epoch_permutation(0, 3, 50)
     assert sorted(a) == list(range(50))

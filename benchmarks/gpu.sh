@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # JAX vs PyTorch throughput on an NVIDIA GPU, batch 64/256/1024: benchmarks/gpu.sh OUT_DIR
 # Makes a venv (default .venv-gpu; VENV=... to change) with the CUDA builds of jax and
-# torch plus this project, then writes OUT_DIR/bench_gpu.json and .md. A few minutes.
+# torch plus this project, then writes OUT_DIR/bench_gpu.json and .md, and the JAX-only
+# bench_gpu_s2d.json / .md with the CPU's convolution form. A few minutes.
 set -euo pipefail
 OUT=${1:?usage: benchmarks/gpu.sh OUT_DIR}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,3 +28,7 @@ print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__,
 PY
 "$VENV/bin/python" -m benchmarks.harness --batch-sizes 64 256 1024 --repeats 10 \
   --out "$OUT/bench_gpu.json" --md "$OUT/bench_gpu.md"
+# the CPU's space-to-depth convolutions on the GPU, JAX only: is "auto" = lax right there?
+"$VENV/bin/python" -m benchmarks.harness --batch-sizes 64 256 1024 --repeats 10 \
+  --frameworks jax --conv-impl s2d --ops grad_maps_fused projection train_step \
+  --projection-steps 20 --out "$OUT/bench_gpu_s2d.json" --md "$OUT/bench_gpu_s2d.md"

@@ -36,6 +36,7 @@ import optax
 import jaxvae
 from jaxvae import losses
 from jaxvae.io import write_text
+from jaxvae.model import CONV_IMPLS, resolve_conv_impl
 from jaxvae.predictors import GRADIENT_MAPS, smooth
 
 OPS = ("grad_maps_fused", "grad_maps_naive", "rec_error", "rec_grad", "kl_grad", "elbo_grad",
@@ -418,7 +419,8 @@ def _machine(torch) -> dict:
 
 
 def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, out=None, *,
-        md=None, latent_dim=256, beta=1.0, sigma=3.0, projection_steps=100, lam=1.0, lr=0.03,
+        md=None, latent_dim=256, conv_impl="auto", beta=1.0, sigma=3.0, projection_steps=100,
+        lam=1.0, lr=0.03,
         min_sample_s=0.05, budget_s=30.0, check=True, seed=0, peak_n=None, torch_threads=None,
         log=print) -> dict:
     """Benchmark `ops` at every batch size in JAX (and PyTorch where installed).
@@ -432,6 +434,7 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
         and out is given, as OUT with suffix .md); None writes nothing.
       md: path of the markdown table (optional).
       latent_dim, beta, sigma: model size, KL weight, map smoothing.
+      conv_impl: the ConvVAE's convolution form ("auto", "lax", "s2d"; see jaxvae.model).
       projection_steps, lam, lr: the projection's Adam steps, L1 weight, learning rate.
       check: verify torch maps == JAX maps (1e-4 of the scale) before timing.
       peak_n: size of the square matmul measuring peak GFLOP/s (None: 2048 CPU, 8192 GPU).
@@ -453,12 +456,13 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
     fws = [f for f in frameworks if f == "jax" or (f == "torch" and torch is not None)]
     report = {"machine": _machine(torch), "settings": dict(
         batch_sizes=list(batch_sizes), ops=list(ops), frameworks=fws, repeats=repeats,
-        latent_dim=latent_dim, beta=beta, sigma=sigma, projection_steps=projection_steps,
+        latent_dim=latent_dim, conv_impl=resolve_conv_impl(conv_impl), beta=beta, sigma=sigma,
+        projection_steps=projection_steps,
         lam=lam, lr=lr, train_step="jaxvae.train.make_train_step (adam 1e-4, no augmentation)",
         flops="analytic useful FLOPs (benchmarks.harness.op_flops); xla_mflop_per_image is "
               "XLA cost_analysis of the compiled JAX program",
         precision="framework defaults for timing; agreement checked at full float32")}
-    model = jaxvae.ConvVAE(latent_dim=latent_dim)
+    model = jaxvae.ConvVAE(latent_dim=latent_dim, conv_impl=conv_impl)
     # one compiled init: eager Flax init compiles each initializer separately (~10 s)
     params = jax.jit(jaxvae.init_params, static_argnums=0)(model, jax.random.key(seed))
     macs = model_macs(model)
@@ -616,6 +620,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--projection-steps", type=int, default=100)
     p.add_argument("--latent-dim", type=int, default=256)
+    p.add_argument("--conv-impl", default="auto", choices=CONV_IMPLS,
+                   help="JAX convolution form (default: auto = s2d on CPU, lax elsewhere)")
     p.add_argument("--budget-s", type=float, default=30.0,
                    help="max seconds of timed samples per framework, op and batch (>= 3 kept)")
     p.add_argument("--torch-threads", type=int,
@@ -625,8 +631,9 @@ def main(argv=None) -> int:
     p.add_argument("--md", help="markdown table path (default: --out with suffix .md)")
     a = p.parse_args(argv)
     report = run(a.batch_sizes, tuple(a.ops), tuple(a.frameworks), a.repeats, a.out, md=a.md,
-                 latent_dim=a.latent_dim, projection_steps=a.projection_steps,
-                 budget_s=a.budget_s, check=not a.no_check, torch_threads=a.torch_threads)
+                 latent_dim=a.latent_dim, conv_impl=a.conv_impl,
+                 projection_steps=a.projection_steps, budget_s=a.budget_s,
+                 check=not a.no_check, torch_threads=a.torch_threads)
     print(report["markdown"])
     return 0
 

@@ -138,9 +138,10 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_train(args):
     from jaxvae import pipeline
-    from jaxvae.train import AugmentConfig, TrainConfig, train
+    from jaxvae.train import AugmentConfig, TrainConfig, check_run_dir, train
 
     _check_outputs(args.out, [], args.overwrite)  # a file in the way: refuse before loading
+    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # and a used run dir
     if args.coordinator:
         from jaxvae.parallel import initialize_distributed
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)

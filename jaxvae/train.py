@@ -556,11 +556,22 @@ def _check_images(images, cfg: TrainConfig, n_devices: int) -> np.ndarray:
     return images
 
 
-def _prepare_run_dir(run_dir: Path, cfg, *, resume: bool, overwrite: bool):
-    """Validate the run dir; return (cfg to use, whether to restore). Writes nothing."""
+def check_run_dir(run_dir, *, resume: bool, overwrite: bool) -> bool:
+    """Refuse a run dir that is a file, or not empty without resume / overwrite (cheap: the
+    CLI calls it before loading data). Returns whether it is a non-empty folder."""
+    run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"{run_dir}: exists and is not a directory")
     nonempty = run_dir.is_dir() and any(run_dir.iterdir())
+    if nonempty and not resume and not overwrite:
+        raise OutputError(f"{run_dir}: not empty; pass resume=True (--resume) to continue the "
+                          f"run there or overwrite=True (--overwrite) to replace it")
+    return nonempty
+
+
+def _prepare_run_dir(run_dir: Path, cfg, *, resume: bool, overwrite: bool):
+    """Validate the run dir; return (cfg to use, whether to restore). Writes nothing."""
+    nonempty = check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume and (run_dir / CONFIG_FILE).exists():
         stored = _read_config(run_dir)
         if cfg is None:
@@ -576,9 +587,6 @@ def _prepare_run_dir(run_dir: Path, cfg, *, resume: bool, overwrite: bool):
         raise RunError(f"{run_dir}: cannot resume, no {CONFIG_FILE} (not a jaxvae run dir)")
     if cfg is None:
         raise ConfigError(f"{run_dir}: nothing to resume; pass a TrainConfig to start a run")
-    if nonempty and not resume and not overwrite:
-        raise OutputError(f"{run_dir}: not empty; pass resume=True (--resume) to continue the "
-                          f"run there or overwrite=True (--overwrite) to replace it")
     return cfg, False
 
 

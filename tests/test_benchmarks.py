@@ -38,8 +38,10 @@ def test_jax_run_rows_have_the_required_keys(tmp_path):
     report = harness.run(batch_sizes=(2,), ops=("grad_maps_fused", "grad_maps_naive",
                                                 "projection", "train_step"),
                          frameworks=("jax",), repeats=1, out=out, latent_dim=16,
+                         conv_impl="lax",  # a model no other test compiled: compile_s > 0
                          projection_steps=2, min_sample_s=0.0, peak_n=256, log=lambda *_: None)
     assert {"machine", "peak_gflops", "rows", "ratios", "markdown"} <= set(report)
+    assert report["settings"]["conv_impl"] == "lax"
     assert report["peak_gflops"] > 0 and len(report["rows"]) == 4
     for row in report["rows"]:
         assert set(harness.ROW_KEYS) <= set(row)

@@ -36,6 +36,17 @@ def test_bad_flags_give_one_line_and_exit_code(tiny_run, tmp_path, capsys):
         main(["train", "--data", "phantom", "--out", str(tmp_path / "r"), "--beta", "-1"])
 
 
+def test_train_refuses_a_used_run_dir_before_loading_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    # the data folder does not exist: only a check made before loading names the run dir
+    rc = main(["train", "--data", str(tmp_path / "nodata"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not empty" in err and str(out) in err and "nodata" not in err
+    assert (out / "notes.txt").read_text() == "precious"
+
+
 def test_score_real_brats_case_keeps_grid_and_affine(shared_data, tiny_run, tmp_path, capsys):
     src = shared_data / "brats2021_t2" / "BraTS2021_00006" / "BraTS2021_00006_t2.nii.gz"
     out = tmp_path / "maps"

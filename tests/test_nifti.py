@@ -99,6 +99,13 @@ def _make(kind, path):
     elif kind == "absurd_long":  # NIfTI-2: NIfTI-1 cannot even store a 100000 dimension
         data = np.arange(100000, dtype=np.float32).reshape(1, 1, 100000)
         nib.save(nib.Nifti2Image(data, LPS), path)
+    elif kind == "huge_header":  # 2000^3 claimed by the header, 1 KB of data: no allocation
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape((2000, 2000, 2000))
+        hdr.set_data_dtype(np.float32)
+        hdr.set_sform(LPS, code=1)
+        hdr["vox_offset"] = 352
+        path.write_bytes(gzip.compress(hdr.binaryblock + bytes(4) + bytes(1024)))
     elif kind == "absurd_thin":
         write(path, np.ones((8, 200, 200), np.float32) * np.arange(200))
     elif kind == "constant":
@@ -114,7 +121,8 @@ BAD = {"missing": "not found", "folder": "folder", "empty": "empty",
        "gzip_garbage": "not a readable NIfTI", "not_nifti": "not a NIfTI",
        "2d": "2D", "5d": "5D", "4d_many": "volume_index", "nan": "NaN", "inf": "Inf",
        "complex": "not real-valued", "absurd_long": "implausible shape",
-       "absurd_thin": "implausible shape", "constant": "constant", "zeros": "constant"}
+       "absurd_thin": "implausible shape", "huge_header": "implausible size",
+       "constant": "constant", "zeros": "constant"}
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))

@@ -6,6 +6,7 @@ computed on the reoriented grid (an anomaly map) can be written on the input's o
 with the input's affine and overlaid on it in any viewer.
 """
 
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,11 @@ from jaxvae.errors import DataError, OutputError
 from jaxvae.io import atomic_path
 
 # In-plane sizes below this are not brain MRI slices (1x1x100000 is a vector, not a volume);
-# sizes above MAX_DIM are header corruption, and reading them would exhaust memory.
+# sizes above MAX_DIM or MAX_VOXELS (1 GiB as float32; a 0.5 mm whole head is ~0.1 G voxels)
+# are header corruption, refused before any voxel is read: reading would exhaust memory.
 MIN_INPLANE = 16
 MAX_DIM = 2048
+MAX_VOXELS = 2**28
 
 _RAS = axcodes2ornt("RAS")
 # What nibabel and the decompressor raise for unreadable, empty, truncated or non-NIfTI files.
@@ -109,6 +112,10 @@ def _read(path, *, volume_index=None) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: volume_index {volume_index} out of range (file has {n})")
     if min(shape[:3]) < 1 or max(shape[:3]) > MAX_DIM:
         raise DataError(f"{path}: implausible shape {shape} (a dimension is 0 or > {MAX_DIM})")
+    voxels = math.prod(shape[:3])
+    if voxels > MAX_VOXELS:
+        raise DataError(f"{path}: implausible size {shape}: {voxels:,} voxels per volume "
+                        f"(> {MAX_VOXELS:,}); is the header corrupt?")
     kind = img.get_data_dtype().kind
     if kind not in "biuf":
         raise DataError(f"{path}: voxel type {img.get_data_dtype()} is not real-valued")

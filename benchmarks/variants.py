@@ -41,7 +41,14 @@ from jax import lax
 import jaxvae
 from jaxvae import losses
 from jaxvae.io import write_text
-from jaxvae.model import phases_to_image, s2d_kernel, s2d_transpose_kernel, space_to_depth
+from jaxvae.model import (
+    conv_down,
+    conv_up,
+    phases_to_image,
+    s2d_kernel,
+    s2d_transpose_kernel,
+    space_to_depth,
+)
 from jaxvae.predictors import GRADIENT_MAPS, smooth
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -55,8 +62,9 @@ def _leaky(x):
 # ---- encoder convolution k4 s2 p1 -----------------------------------------------------------
 
 def conv_xla(x, k):
-    """The library's form (flax nn.Conv): one strided lax convolution, NHWC."""
-    return lax.conv_general_dilated(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+    """The textbook form (flax nn.Conv; the library's conv_impl "lax"): one strided lax
+    convolution, NHWC."""
+    return conv_down(x, k, "lax")
 
 
 def conv_xla_nchw(x, k):
@@ -64,22 +72,17 @@ def conv_xla_nchw(x, k):
     return lax.conv_general_dilated(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NCHW)
 
 
-_s2d = space_to_depth
-_s2d_kernel = s2d_kernel
-
-
 def conv_s2d(x, k):
-    """Space-to-depth + 2x2 stride-1 VALID convolution (exact)."""
-    return lax.conv_general_dilated(_s2d(x), _s2d_kernel(k), (1, 1), "VALID",
-                                    dimension_numbers=NHWC)
+    """Space-to-depth + 2x2 stride-1 VALID convolution (exact): the library's CPU form."""
+    return conv_down(x, k, "s2d")
 
 
 def conv_s2d_dot(x, k):
     """Space-to-depth + 4 shifted slices + one matmul (exact)."""
-    s = _s2d(x)
+    s = space_to_depth(x)
     ho, wo = s.shape[1] - 1, s.shape[2] - 1
     cols = jnp.concatenate([s[:, p:p + ho, q:q + wo] for p in (0, 1) for q in (0, 1)], -1)
-    return cols @ _s2d_kernel(k).reshape(-1, k.shape[-1])
+    return cols @ s2d_kernel(k).reshape(-1, k.shape[-1])
 
 
 def conv_patches_dot(x, k):
@@ -93,8 +96,8 @@ def conv_patches_dot(x, k):
 # ---- decoder transposed convolution k4 s2 (torch p1) ----------------------------------------
 
 def tconv_xla(h, k):
-    """The library's form (flax nn.ConvTranspose, padding 2): lhs-dilated convolution."""
-    return lax.conv_transpose(h, k, (2, 2), ((2, 2), (2, 2)), dimension_numbers=NHWC)
+    """The textbook form (flax nn.ConvTranspose, padding 2; conv_impl "lax"): lhs-dilated."""
+    return conv_up(h, k, "lax")
 
 
 def tconv_xla_nchw(h, k):
@@ -152,17 +155,10 @@ def tconv_phases(h, k):
     return _d2s(jnp.concatenate(ys, -1), k.shape[-1])
 
 
-_s2d_t_kernel = s2d_transpose_kernel
-_phases_to_image = phases_to_image
-
-
 def tconv_s2d(h, k):
     """Transpose of the s2d form: one dense 2x2 stride-1 conv to 4*O phase channels on the
-    1-padded input, phases shifted into place (no zero taps, no dilation)."""
-    n, hh, ww, c = h.shape
-    hp = jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    y = lax.conv_general_dilated(hp, _s2d_t_kernel(k), (1, 1), "VALID", dimension_numbers=NHWC)
-    return _phases_to_image(y, hh, ww, k.shape[-1])
+    1-padded input, phases shifted into place (no zero taps, no dilation): the library's."""
+    return conv_up(h, k, "s2d")
 
 
 def tconv_s2d_dot(h, k):
@@ -171,8 +167,8 @@ def tconv_s2d_dot(h, k):
     hp = jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)))
     cols = jnp.concatenate([hp[:, p:p + hh + 1, q:q + ww + 1] for p in (0, 1) for q in (0, 1)],
                            -1)
-    y = cols @ _s2d_t_kernel(k).reshape(4 * c, -1)
-    return _phases_to_image(y, hh, ww, k.shape[-1])
+    y = cols @ s2d_transpose_kernel(k).reshape(4 * c, -1)
+    return phases_to_image(y, hh, ww, k.shape[-1])
 
 
 CONVS = {"xla": conv_xla, "s2d": conv_s2d, "s2d_dot": conv_s2d_dot,

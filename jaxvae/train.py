@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import shutil
 import signal
@@ -400,6 +401,14 @@ def _abstract(tree, sharding):
                         tree)
 
 
+class _FailedReadTasks(logging.Filter):
+    """Drops asyncio's reports of unretrieved tensorstore read errors; keeps everything else."""
+
+    def filter(self, record):
+        msg = record.getMessage()
+        return not (msg.startswith("Task exception was never retrieved") and "tensorstore" in msg)
+
+
 def _drop_closed_loop_reports() -> None:
     """Silence the noise of a failed checkpoint read (once per process).
 
@@ -411,6 +420,9 @@ def _drop_closed_loop_reports() -> None:
     previous = sys.unraisablehook
     if getattr(previous, "jaxvae_drops_closed_loop", False):
         return
+    # the reads that failed too but were not the one raised are logged by asyncio when their
+    # tasks are collected ("Task exception was never retrieved", tensorstore's error inside)
+    logging.getLogger("asyncio").addFilter(_FailedReadTasks())
 
     def hook(unraisable):
         e = unraisable.exc_value

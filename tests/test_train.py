@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -341,6 +342,17 @@ def test_load_run_errors_name_the_path_and_problem(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300).stdout
     assert f"RunError: {good}/checkpoints/{step}: cannot read checkpoint" in out
     assert "truncated or corrupt" in out
+
+
+def test_only_unretrieved_tensorstore_read_errors_are_dropped_from_asyncio_logs(caplog):
+    from jaxvae.train import _drop_closed_loop_reports
+    _drop_closed_loop_reports()
+    log = logging.getLogger("asyncio")
+    log.error("Task exception was never retrieved\nfuture: <Task exception=ValueError("
+              "'OUT_OF_RANGE: ... [tensorstore_spec=...]')>")
+    log.error("Task exception was never retrieved\nfuture: <Task exception=KeyError('x')>")
+    assert [r.getMessage().splitlines()[-1] for r in caplog.records] == [
+        "future: <Task exception=KeyError('x')>"]
 
 
 def test_non_finite_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path):

@@ -36,7 +36,7 @@ import optax
 import jaxvae
 from jaxvae import losses
 from jaxvae.io import write_text
-from jaxvae.model import CONV_IMPLS, resolve_conv_impl
+from jaxvae.model import CONV_IMPLS
 from jaxvae.predictors import GRADIENT_MAPS, smooth
 
 OPS = ("grad_maps_fused", "grad_maps_naive", "rec_error", "rec_grad", "kl_grad", "elbo_grad",
@@ -456,7 +456,7 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
     fws = [f for f in frameworks if f == "jax" or (f == "torch" and torch is not None)]
     report = {"machine": _machine(torch), "settings": dict(
         batch_sizes=list(batch_sizes), ops=list(ops), frameworks=fws, repeats=repeats,
-        latent_dim=latent_dim, conv_impl=resolve_conv_impl(conv_impl), beta=beta, sigma=sigma,
+        latent_dim=latent_dim, conv_impl=conv_impl, beta=beta, sigma=sigma,
         projection_steps=projection_steps,
         lam=lam, lr=lr, train_step="jaxvae.train.make_train_step (adam 1e-4, no augmentation)",
         flops="analytic useful FLOPs (benchmarks.harness.op_flops); xla_mflop_per_image is "
@@ -621,7 +621,7 @@ def main(argv=None) -> int:
     p.add_argument("--projection-steps", type=int, default=100)
     p.add_argument("--latent-dim", type=int, default=256)
     p.add_argument("--conv-impl", default="auto", choices=CONV_IMPLS,
-                   help="JAX convolution form (default: auto = s2d on CPU, lax elsewhere)")
+                   help="JAX convolution form (default: auto, see jaxvae.model)")
     p.add_argument("--budget-s", type=float, default=30.0,
                    help="max seconds of timed samples per framework, op and batch (>= 3 kept)")
     p.add_argument("--torch-threads", type=int,

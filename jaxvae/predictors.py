@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxvae import losses
 from jaxvae.errors import ConfigError
-from jaxvae.model import ConvVAE, decode, encode
+from jaxvae.model import ConvVAE, decode, encode, inference_model
 
 PREDICTORS = ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi")
 GRADIENT_MAPS = ("rec_grad", "kl_grad", "elbo_grad")
@@ -180,6 +180,7 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
         raise ConfigError("n_samples > 0 needs a PRNG key (key=jax.random.key(...))")
     if key is None:
         key = jax.random.key(0)  # unused when n_samples == 0; keeps one compiled signature
+    model = inference_model(model)
     x = jnp.asarray(x)
     x = x.astype(jnp.result_type(x.dtype, jnp.float32))  # float32, or float64 under x64
     kw = dict(predictors=predictors, n_samples=int(n_samples), smooth_sigma=float(smooth_sigma))

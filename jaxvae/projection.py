@@ -15,7 +15,7 @@ import optax
 
 from jaxvae import losses
 from jaxvae.errors import ConfigError
-from jaxvae.model import ConvVAE, decode, encode
+from jaxvae.model import ConvVAE, decode, encode, inference_model
 from jaxvae.predictors import default_chunk_size
 
 PROJECTION_MAPS = ("rec", "diff")
@@ -88,6 +88,7 @@ def project(model: ConvVAE, params, x, *, lam=1.0, steps=100, lr=0.03, map_kind=
                           f"(got steps={steps}, lam={lam}, lr={lr})")
     if map_kind not in PROJECTION_MAPS:
         raise ConfigError(f"unknown projection map {map_kind!r}; choose from {PROJECTION_MAPS}")
+    model = inference_model(model)
     x0 = jnp.asarray(x)
     x0 = x0.astype(jnp.result_type(x0.dtype, jnp.float32))  # float32, or float64 under x64
     chunk = default_chunk_size() if chunk_size is None else int(chunk_size)

@@ -67,7 +67,7 @@ def _loss(model, params, x):
     return jnp.sum(jnp.sin(3 * recon)) + jnp.sum(aux["mu"] ** 2) + jnp.sum(aux["log_sigma"])
 
 
-@pytest.mark.parametrize("impl", ["lax", "s2d", "auto"])
+@pytest.mark.parametrize("impl", ["lax", "s2d", "auto", "auto_inference"])
 def test_conv_impls_equal_flax_conv_layers(impl):
     ref_model = _FlaxLayersVAE(latent_dim=32)
     model = jaxvae.ConvVAE(latent_dim=32, conv_impl=impl)
@@ -87,8 +87,15 @@ def test_conv_impls_equal_flax_conv_layers(impl):
                                    ref_model.apply({"params": p64}, x64)[0], rtol=1e-9, atol=1e-12)
 
 
-def test_conv_impl_auto_is_s2d_on_cpu_and_names_are_checked():
-    from jaxvae.model import resolve_conv_impl
-    assert resolve_conv_impl("auto") == ("s2d" if jax.default_backend() == "cpu" else "lax")
+def test_conv_impl_choices_and_names_are_checked():
+    from jaxvae.model import inference_model, resolve_conv_impl
+    cpu = jax.default_backend() == "cpu"
+    assert resolve_conv_impl("auto", in_channels=64) == ("s2d" if cpu else "lax")
+    forms = {resolve_conv_impl("auto_inference", transpose=t, in_channels=c)
+             for t in (False, True) for c in (1, 16, 32, 64, 256)}
+    assert forms == ({"lax", "s2d", "s2d_dot"} if cpu else {"lax"})
     with pytest.raises(ValueError, match="conv_impl"):
         resolve_conv_impl("fast")
+    # the inference entry points switch only an "auto" model
+    assert inference_model(jaxvae.ConvVAE()).conv_impl == "auto_inference"
+    assert inference_model(jaxvae.ConvVAE(conv_impl="lax")).conv_impl == "lax"

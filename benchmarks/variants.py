@@ -21,6 +21,7 @@ useful work. Two exact re-writings avoid it:
   4*out channels (2.25x zero taps) or as a 3x3 im2col + one matmul.
 
     python -m benchmarks.variants --batch 64 --repeats 7
+    python -m benchmarks.variants --parts chunks maps projection --projection-batch 64
 """
 
 import argparse
@@ -483,6 +484,29 @@ def compare_train(batch, repeats, log=print) -> dict:
     return res
 
 
+def compare_chunks(batch, repeats, log=print) -> dict:
+    """Images per compiled call at one batch size: the maps' chunk_size and the train step's
+    micro_batch (0 = the whole batch in one piece)."""
+    from jaxvae.train import make_train_step
+    model, params, x = _setup(batch)
+    opt_state, key = optax.adam(1e-4).init(params), jax.random.key(5)
+    fns = {}
+    for c in (0, 32, 64, 128):
+        if c < batch:
+            fns[f"maps[chunk={c}]"] = functools.partial(lambda c: jax.block_until_ready(
+                jaxvae.anomaly_maps(model, params, x, predictors=GRADIENT_MAPS, chunk_size=c)), c)
+    for m in (0, 16, 32, 64):
+        if m < batch:
+            step = make_train_step(model, lr=1e-4, beta=1.0, micro_batch=m)
+            fns[f"train[micro={m}]"] = functools.partial(
+                lambda s: jax.block_until_ready(s(params, opt_state, x, key)), step)
+    t = time_interleaved(fns, repeats)
+    res = {k: {"images_per_s": batch / v, "ms": 1e3 * v} for k, v in t.items()}
+    for k, v in res.items():
+        log(f"  {k:28s} {v['images_per_s']:8.1f} img/s")
+    return res
+
+
 FLAG_SETS = ("", "--xla_cpu_use_onednn=true", "--xla_cpu_use_xnnpack=true",
              "--xla_cpu_enable_fast_math=true", "--xla_cpu_use_thunk_runtime=false",
              "--xla_cpu_multi_thread_eigen=false")
@@ -523,7 +547,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--parts", nargs="+",
-                   default=["layers", "maps", "projection", "train", "flags"])
+                   default=["layers", "maps", "projection", "train", "chunks", "flags"])
+    p.add_argument("--chunks-batch", type=int, default=256)
     p.add_argument("--projection-batch", type=int, default=16)
     p.add_argument("--projection-steps", type=int, default=20,
                    help="Adam steps (per-step cost is what differs between loop forms)")
@@ -538,6 +563,7 @@ def main(argv=None):
              "projection": functools.partial(compare_projection, a.projection_batch,
                                              max(3, a.repeats // 2), a.projection_steps),
              "train": functools.partial(compare_train, a.batch, a.repeats),
+             "chunks": functools.partial(compare_chunks, a.chunks_batch, a.repeats),
              "flags": functools.partial(compare_flags, a.batch, a.repeats)}
     for part in a.parts:
         print(f"{part}:")

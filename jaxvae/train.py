@@ -294,7 +294,8 @@ TRAIN_CPU_CHUNK = 32
 
 @functools.lru_cache(maxsize=32)
 def make_train_step(model: ConvVAE, *, lr: float, beta: float,
-                    augment: AugmentConfig | None = None, mesh=None):
+                    augment: AugmentConfig | None = None, mesh=None,
+                    micro_batch: int | None = None):
     """Build the jitted pure step `train_step(params, opt_state, batch, key)`.
 
     One compiled function per (model, lr, beta, augment, mesh), cached, so repeated calls
@@ -307,6 +308,8 @@ def make_train_step(model: ConvVAE, *, lr: float, beta: float,
       beta: KL weight.
       augment: augmentation ranges, or None for none.
       mesh: device mesh (parallel.make_mesh), or None for plain jit.
+      micro_batch: images per micro-batch of the gradient (the same step, summed in pieces);
+        None = TRAIN_CPU_CHUNK on CPU without a mesh, else the whole batch; 0 = whole batch.
 
     Returns:
       train_step(params, opt_state, batch (B, 64, 64[, 1]) float32, key (a PRNG key or its
@@ -316,7 +319,10 @@ def make_train_step(model: ConvVAE, *, lr: float, beta: float,
     opt = optax.adam(lr)
     # CPU: the gradient is summed over micro-batches (unrolled in the one compiled step); a
     # sharded batch is one call, as are accelerators
-    chunk = default_chunk_size(TRAIN_CPU_CHUNK) if mesh is None else 0
+    if micro_batch is not None:
+        chunk = int(micro_batch)
+    else:
+        chunk = default_chunk_size(TRAIN_CPU_CHUNK) if mesh is None else 0
 
     def sums(p, x, eps):
         # as model.apply(x, key): z = mu + sigma * eps with eps ~ N(0, 1) of shape mu.shape

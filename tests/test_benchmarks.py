@@ -62,6 +62,14 @@ def test_runs_jax_only_with_a_note_when_torch_is_absent(monkeypatch):
     assert "PyTorch not installed" in report["notes"][0] and "Note:" in report["markdown"]
 
 
+@pytest.mark.slow
+def test_chunk_comparison_times_every_size_below_the_batch():
+    res = variants.compare_chunks(40, 1, log=lambda *_: None)
+    assert set(res) == {"maps[chunk=0]", "maps[chunk=32]", "train[micro=0]",
+                        "train[micro=16]", "train[micro=32]"}
+    assert all(v["images_per_s"] > 0 for v in res.values())
+
+
 def test_unknown_op_is_refused():
     with pytest.raises(ValueError, match="unknown op"):
         harness.run(ops=("nope",), frameworks=("jax",))

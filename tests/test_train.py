@@ -191,17 +191,14 @@ def test_train_step_is_the_reference_step_and_compiles_once():
     assert step._cache_size() == 1
 
 
-def test_micro_batched_gradient_is_the_whole_batch_gradient(monkeypatch):
-    import importlib
-    train_mod = importlib.import_module("jaxvae.train")  # jaxvae.train is also a function
+def test_micro_batched_gradient_is_the_whole_batch_gradient():
     model = model_from_config(tiny())
     params, opt_state = init_state(tiny())
     batch, key = jnp.asarray(images(10)), jax.random.key(3)
-    build = make_train_step.__wrapped__  # uncached: the chunk size is read when building
-    monkeypatch.setattr(train_mod, "default_chunk_size", lambda cpu: 0)
-    p_whole, _, m_whole = build(model, lr=1e-3, beta=0.5)(params, opt_state, batch, key)
-    monkeypatch.setattr(train_mod, "default_chunk_size", lambda cpu: 4)  # 4 + 4 + 2 images
-    p_micro, _, m_micro = build(model, lr=1e-3, beta=0.5)(params, opt_state, batch, key)
+    whole = make_train_step(model, lr=1e-3, beta=0.5, micro_batch=0)
+    micro = make_train_step(model, lr=1e-3, beta=0.5, micro_batch=4)  # 4 + 4 + 2 images
+    p_whole, _, m_whole = whole(params, opt_state, batch, key)
+    p_micro, _, m_micro = micro(params, opt_state, batch, key)
     for k in ("loss", "rec", "kl"):
         np.testing.assert_allclose(m_micro[k], m_whole[k], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(p_micro), jax.tree.leaves(p_whole), strict=True):

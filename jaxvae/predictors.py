@@ -21,8 +21,9 @@ PREDICTORS = ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi")
 GRADIENT_MAPS = ("rec_grad", "kl_grad", "elbo_grad")
 
 # Images per compiled call on CPU. A batch of 64 keeps the activations of one pass in cache;
-# at batch 256 the same program runs 1.3x slower per image (measured on a 2-core EPYC:
-# 745 vs 969 images/s for the three gradient maps), so larger batches are cut into chunks of
+# at batch 256 the same program runs 1.5x slower per image (measured on a 2-core EPYC with
+# `python -m benchmarks.variants --parts chunks`: 738 vs 1128 images/s for the three gradient
+# maps; 128-image chunks 893, 32-image 1084), so larger batches are cut into chunks of
 # 64 for the maps and the projection (and into micro-batches for the gradient of the train
 # step, see jaxvae.train). Accelerators want large batches: no chunking there.
 CPU_CHUNK = 64

@@ -40,8 +40,8 @@ def energy(model, params, x, x0, lam):
 
 
 # Adam steps per compiled call. On XLA:CPU the body of a while loop (lax.fori_loop / scan)
-# runs several times slower than the same ops at the top level of a program (measured 3.6-4.5x
-# with `python -m benchmarks.variants --parts projection`), so the steps are unrolled in
+# runs slower than the same ops at the top level of a program (measured 2.4x with
+# `python -m benchmarks.variants --parts projection`), so the steps are unrolled in
 # chunks of CHUNK and a Python loop calls the chunk: one compile of a 10-step program instead
 # of a slow loop, or of a 100-step program that would take minutes to compile.
 CHUNK = 10

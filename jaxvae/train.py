@@ -286,9 +286,8 @@ Returns:
 
 
 # Images per micro-batch on CPU. The activations of a small micro-batch stay in cache: measured
-# on a 2-core EPYC, batch 256 trains at 334 images/s in one piece and 590 / 676 / 654 images/s
-# in micro-batches of 64 / 32 / 16 (batch 64: 511 in one piece, 543 in two halves, which is
-# within the noise).
+# on a 2-core EPYC (`python -m benchmarks.variants --parts chunks`), batch 256 trains at 380
+# images/s in one piece and 627 / 687 / 676 images/s in micro-batches of 64 / 32 / 16.
 TRAIN_CPU_CHUNK = 32
 
 

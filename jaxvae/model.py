@@ -28,9 +28,9 @@ maths are the same either way:
   it): the 1-channel first convolution as four shifted slices x one matmul, the wide layers
   (>= 32 input channels; decoder >= 64) as lax, the rest s2d. Measured at batch 64 on the
   2-core EPYC (`python -m benchmarks.variants --parts maps projection`): fused maps +13 %,
-  projection +4 % over s2d everywhere. Not the default,
-  because the lax transposed convolution's *weight* gradient is the slow path s2d avoids:
-  training and any gradient with respect to the parameters want "auto".
+  projection +4 % over s2d everywhere. Not the default, because the lax transposed
+  convolution's *weight* gradient is the slow path s2d avoids: training and any gradient
+  with respect to the parameters want "auto".
 """
 
 from collections.abc import Sequence

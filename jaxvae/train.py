@@ -298,8 +298,8 @@ def make_train_step(model: ConvVAE, *, lr: float, beta: float,
     """Build the jitted pure step `train_step(params, opt_state, batch, key)`.
 
     One compiled function per (model, lr, beta, augment, mesh, micro_batch), cached, so
-    repeated calls and repeated training runs do not recompile. With a mesh, the batch is split on `data`
-    and params / optimiser state are replicated.
+    repeated calls and repeated training runs do not recompile. With a mesh, the batch is
+    split on `data` and params / optimiser state are replicated.
 
     Args:
       model: the ConvVAE.

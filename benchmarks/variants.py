@@ -327,6 +327,22 @@ def time_interleaved(fns: dict, repeats: int, min_sample_s=0.1) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def _report(times: dict, batch: int, errs, err_key, log) -> dict:
+    """images/s and ms per case, with the ratio to "library" and an error where given."""
+    res = {}
+    for k, v in times.items():
+        res[k] = {"images_per_s": batch / v, "ms": 1e3 * v}
+        line = f"  {k:28s} {batch / v:8.1f} img/s"
+        if "library" in times:
+            res[k]["vs_library"] = times["library"] / v
+            line += f"  {res[k]['vs_library']:5.2f}x"
+        if err_key:
+            res[k][err_key] = errs.get(k, 0.0)
+            line += f"  {err_key} {res[k][err_key]:.1e}"
+        log(line)
+    return res
+
+
 def _setup(batch, latent_dim=256, seed=0):
     model = jaxvae.ConvVAE(latent_dim=latent_dim)
     params = jaxvae.init_params(model, jax.random.key(seed))
@@ -395,13 +411,7 @@ def compare_maps(batch, repeats, log=print) -> dict:
         got = c(params, x)
         errs[name] = max(_rel(ref[k], got[k]) for k in GRADIENT_MAPS)
         fns[name] = call
-    t = time_interleaved(fns, repeats)
-    res = {k: {"images_per_s": batch / v, "ms": 1e3 * v, "vs_library": t["library"] / v,
-               "max_rel_err": errs.get(k, 0.0)} for k, v in t.items()}
-    for k, v in res.items():
-        log(f"  {k:28s} {v['images_per_s']:8.1f} img/s  {v['vs_library']:5.2f}x  "
-            f"err {v['max_rel_err']:.1e}")
-    return res
+    return _report(time_interleaved(fns, repeats), batch, errs, "max_rel_err", log)
 
 
 def compare_projection(batch, repeats, steps=100, log=print) -> dict:
@@ -424,13 +434,8 @@ def compare_projection(batch, repeats, steps=100, log=print) -> dict:
             f = functools.partial(run, params, x)
             errs[label] = _rel(ref, f())
             fns[label] = f
-    t = time_interleaved(fns, repeats, min_sample_s=0.0)
-    res = {k: {"images_per_s": batch / v, "ms": 1e3 * v, "vs_library": t["library"] / v,
-               "max_rel_err": errs.get(k, 0.0)} for k, v in t.items()}
-    for k, v in res.items():
-        log(f"  {k:28s} {v['images_per_s']:8.1f} img/s  {v['vs_library']:5.2f}x  "
-            f"err {v['max_rel_err']:.1e}")
-    return res
+    return _report(time_interleaved(fns, repeats, min_sample_s=0.0), batch, errs,
+                   "max_rel_err", log)
 
 
 def train_step_fn(encode, decode, *, beta=1.0, lr=1e-4):
@@ -475,13 +480,7 @@ def compare_train(batch, repeats, log=print) -> dict:
         st = opt.init(params)
         fns[name] = functools.partial(lambda c, st: jax.block_until_ready(c(params, st, x, key)),
                                       c, st)
-    t = time_interleaved(fns, repeats)
-    res = {k: {"images_per_s": batch / v, "ms": 1e3 * v, "vs_library": t["library"] / v,
-               "max_rel_err_grads": errs.get(k, 0.0)} for k, v in t.items()}
-    for k, v in res.items():
-        log(f"  {k:28s} {v['images_per_s']:8.1f} img/s  {v['vs_library']:5.2f}x  "
-            f"grad err {v['max_rel_err_grads']:.1e}")
-    return res
+    return _report(time_interleaved(fns, repeats), batch, errs, "max_rel_err_grads", log)
 
 
 def compare_chunks(batch, repeats, log=print) -> dict:
@@ -500,11 +499,7 @@ def compare_chunks(batch, repeats, log=print) -> dict:
             step = make_train_step(model, lr=1e-4, beta=1.0, micro_batch=m)
             fns[f"train[micro={m}]"] = functools.partial(
                 lambda s: jax.block_until_ready(s(params, opt_state, x, key)), step)
-    t = time_interleaved(fns, repeats)
-    res = {k: {"images_per_s": batch / v, "ms": 1e3 * v} for k, v in t.items()}
-    for k, v in res.items():
-        log(f"  {k:28s} {v['images_per_s']:8.1f} img/s")
-    return res
+    return _report(time_interleaved(fns, repeats), batch, None, None, log)
 
 
 FLAG_SETS = ("", "--xla_cpu_use_onednn=true", "--xla_cpu_use_xnnpack=true",

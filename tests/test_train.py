@@ -423,6 +423,18 @@ def _wait_for_checkpoint(proc, run, timeout=120.0):
 EXACT = dict(epochs=10, checkpoint_every=1, keep_checkpoints=2)  # 4 steps/epoch on 64 images
 
 
+def _resume_equals_uninterrupted(tmp_path, run, cfg, data, child_env) -> list:
+    """Resume `run` in a child; its final params must equal an uninterrupted run's, whose
+    history is returned."""
+    resumed = _start_child(tmp_path, run, cfg, data, "resume", child_env)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    ref_params, ref_hist = train(cfg, data, None, progress=False)
+    _, params, _ = load_run(run)
+    assert leaves_equal(params, ref_params)
+    return ref_hist
+
+
 def test_sigkill_then_resume_is_bit_identical(tmp_path, child_env):
     run, data, cfg = tmp_path / "run", images(64), tiny(**EXACT)
     proc = _start_child(tmp_path, run, cfg, data, "fresh", child_env)
@@ -431,12 +443,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, child_env):
     proc.wait()
     killed_at = max(ckpt_steps(run))
     assert killed_at < cfg.epochs * 4, "the child finished before it was killed"
-    resumed = _start_child(tmp_path, run, cfg, data, "resume", child_env)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-3000:]
-    ref_params, ref_hist = train(cfg, data, None, progress=False)
-    _, params, _ = load_run(run)
-    assert leaves_equal(params, ref_params)
+    ref_hist = _resume_equals_uninterrupted(tmp_path, run, cfg, data, child_env)
     lines = metric_lines(run)
     assert [h["epoch"] for h in lines] == list(range(1, cfg.epochs + 1))
     assert [h["loss"] for h in lines] == [h["loss"] for h in ref_hist]
@@ -454,10 +461,5 @@ def test_sigint_saves_a_checkpoint_and_exits_then_resumes_exactly(tmp_path, chil
     assert "KeyboardInterrupt" in err and "interrupted" in err
     after = ckpt_steps(run)
     assert max(after) > max(first) and max(after) < cfg.epochs * 4  # saved where it stopped
-    resumed = _start_child(tmp_path, run, cfg, data, "resume", child_env)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-3000:]
-    ref_params, ref_hist = train(cfg, data, None, progress=False)
-    _, params, _ = load_run(run)
-    assert leaves_equal(params, ref_params)
+    ref_hist = _resume_equals_uninterrupted(tmp_path, run, cfg, data, child_env)
     assert [h["loss"] for h in metric_lines(run)] == [h["loss"] for h in ref_hist]

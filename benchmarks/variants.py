@@ -43,6 +43,7 @@ import jaxvae
 from jaxvae import losses
 from jaxvae.io import write_text
 from jaxvae.model import (
+    _leaky,
     conv_down,
     conv_up,
     phases_to_image,
@@ -54,10 +55,6 @@ from jaxvae.predictors import GRADIENT_MAPS, smooth
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 NCHW = ("NCHW", "HWIO", "NCHW")
-
-
-def _leaky(x):
-    return jnp.where(x >= 0, x, 0.01 * x)
 
 
 # ---- encoder convolution k4 s2 p1 -----------------------------------------------------------

@@ -47,6 +47,9 @@ def _eval_args(p):
     p.add_argument("--batch-size", type=_positive(int), default=64)
     p.add_argument("--smooth-sigma", type=_non_negative, default=3.0,
                    help="Gaussian sigma (pixels) of the gradient maps; 0 disables")
+    p.add_argument("--combi-group", type=int, default=64,
+                   help="slices per min-max group of combi's |kl_grad| (64: the reference "
+                        "code's loader batches); 0 = each whole batch")
     p.add_argument("--proj-steps", type=int, default=100, help="Adam steps of Proj-Rec-Error")
     p.add_argument("--proj-lam", type=_non_negative, default=1.0, help="L1 weight of projection")
     p.add_argument("--n-samples", type=int, default=0, help="Monte-Carlo z samples (0: z = mu)")
@@ -58,10 +61,11 @@ def _settings(args, **extra):
     from jaxvae.predictors import check_predictors
 
     preds = check_predictors(args.predictors, ALL_PREDICTORS)
-    if args.proj_steps < 0 or args.n_samples < 0:
-        raise ConfigError("--proj-steps and --n-samples must be >= 0")
+    if args.proj_steps < 0 or args.n_samples < 0 or args.combi_group < 0:
+        raise ConfigError("--proj-steps, --n-samples and --combi-group must be >= 0")
     return EvalSettings(predictors=preds, batch_size=args.batch_size,
-                        smooth_sigma=args.smooth_sigma, proj_steps=args.proj_steps,
+                        smooth_sigma=args.smooth_sigma, combi_group=args.combi_group,
+                        proj_steps=args.proj_steps,
                         proj_lam=args.proj_lam, n_samples=args.n_samples, **extra)
 
 

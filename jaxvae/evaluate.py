@@ -38,6 +38,9 @@ class EvalSettings:
       predictors: maps to compute, among ALL_PREDICTORS.
       batch_size: slices per compiled call.
       smooth_sigma: Gaussian sigma (pixels) for the gradient maps; 0 = off.
+      combi_group: combi's |kl_grad| is min-max normalised over consecutive groups of this
+        many slices within each batch (64, with batch_size 64: the reference code's
+        per-loader-batch normalisation); 0 = over each whole batch.
       n_samples, seed: Monte-Carlo z (0 = z is mu) and its key.
       proj_steps, proj_lam, proj_lr: Proj-Rec-Error (Adam steps on x, L1 weight, lr).
       ensemble: fit the logistic-regression ensemble on ENSEMBLE_FEATURES (+ intensity
@@ -49,6 +52,7 @@ class EvalSettings:
     predictors: tuple[str, ...] = ALL_PREDICTORS
     batch_size: int = 64
     smooth_sigma: float = 3.0
+    combi_group: int = 64
     n_samples: int = 0
     seed: int = 0
     proj_steps: int = 100
@@ -99,6 +103,7 @@ def compute_maps(model, params, images, *, beta=1.0, settings=EvalSettings(), pr
         if grad_preds:
             maps = maps_fn(model, params, x, beta=beta, predictors=grad_preds,
                                 smooth_sigma=settings.smooth_sigma, n_samples=settings.n_samples,
+                                combi_group=settings.combi_group,
                                 key=jax.random.fold_in(key, b) if settings.n_samples else None)
             for name, m in maps.items():
                 out[name][idx[:n]] = np.asarray(m)[:n]

@@ -44,8 +44,15 @@ from jax import lax
 CONV_IMPLS = ("auto", "lax", "s2d", "auto_inference")
 
 
+NEGATIVE_SLOPE = 0.01
+
+
 def _leaky(x):
-    return nn.leaky_relu(x, negative_slope=0.01)
+    """LeakyReLU(0.01) whose derivative at exactly 0 is the slope, as PyTorch's (and so the
+    reference code's): flax's `x >= 0` form gives 1 there, and with an exact-zero background
+    and bias-free convolutions every all-background patch sits at 0, so this decides the
+    gradient maps over the whole background."""
+    return jnp.where(x > 0, x, NEGATIVE_SLOPE * x)
 
 
 def resolve_conv_impl(impl: str, *, transpose: bool = False, in_channels: int = 0) -> str:

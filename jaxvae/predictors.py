@@ -59,27 +59,38 @@ def smooth(maps, sigma: float):
     return jnp.einsum("ij,njk,lk->nil", kh, maps, k)
 
 
-def _minmax(a):
-    lo, hi = jnp.min(a), jnp.max(a)
+# The reference code min-max normalises |KL-grad| for combi per test-loader batch of 64
+# slices, so 64 consecutive images form one normalisation group by default.
+COMBI_GROUP = 64
+
+
+def _minmax_groups(a, group: int):
+    """Min-max normalise (N, H, W) maps over consecutive groups of `group` images (the last
+    group may be shorter); group <= 0 normalises over all N together."""
+    n = a.shape[0]
+    if group <= 0 or group >= n:
+        lo, hi = jnp.min(a), jnp.max(a)
+    else:
+        ids = jnp.arange(n) // group
+        flat = a.reshape(n, -1)
+        segs = -(-n // group)
+        lo = jax.ops.segment_min(flat.min(1), ids, segs)[ids][:, None, None]
+        hi = jax.ops.segment_max(flat.max(1), ids, segs)[ids][:, None, None]
     return (a - lo) / jnp.maximum(hi - lo, jnp.finfo(a.dtype).tiny)
 
 
-def _combi(kl_abs, nll, smooth_sigma):
-    """Zimmerer's combi: smooth(min-max over the batch of |kl_grad|) * rec NLL, (N, H, W)."""
-    return smooth(_minmax(kl_abs), smooth_sigma) * nll
+def _combi(kl_abs, nll, smooth_sigma, group):
+    """Zimmerer's combi: smooth(min-max per group of |kl_grad|) * rec NLL, (N, H, W)."""
+    return smooth(_minmax_groups(kl_abs, group), smooth_sigma) * nll
 
 
-_combi_jit = jax.jit(_combi, static_argnames="smooth_sigma")
-
-
-def _sum_pixels(a):
-    return jnp.sum(a, axis=tuple(range(1, a.ndim)))
+_combi_jit = jax.jit(_combi, static_argnames=("smooth_sigma", "group"))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "predictors", "n_samples", "smooth_sigma",
-                                             "defer_combi"))
+                                             "combi_group", "reference_kl", "defer_combi"))
 def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_sigma,
-                  defer_combi=False):
+                  combi_group=COMBI_GROUP, reference_kl=False, defer_combi=False):
     want = set(predictors)
     need_rec = bool(want & {"rec_error", "rec_grad", "elbo_grad", "combi"})
     need_rec_grad = bool(want & {"rec_grad", "elbo_grad"})
@@ -108,8 +119,10 @@ def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_
         _, (nll, sq) = rec_loss(mu, log_sigma, x)
 
     if need_kl_grad:
-        kl_mu, kl_ls = jax.grad(lambda m, s: jnp.sum(losses.kl_divergence(m, s)),
-                                argnums=(0, 1))(mu, log_sigma)
+        # reference_kl: the reference code passes sigma where log sigma is expected
+        kl = (lambda m, s: losses.kl_divergence(m, jnp.exp(s))) if reference_kl \
+            else losses.kl_divergence
+        kl_mu, kl_ls = jax.grad(lambda m, s: jnp.sum(kl(m, s)), argnums=(0, 1))(mu, log_sigma)
 
     if need_rec_grad and need_kl_grad:
         # one batched encoder VJP for both cotangents (the VJP is linear, vmap stacks them)
@@ -135,7 +148,7 @@ def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_
     if "combi" in want and defer_combi:  # normalised over the whole batch by the caller
         out["_kl_abs"], out["_nll"] = to_map(jnp.abs(g_kl)), to_map(nll)
     elif "combi" in want:
-        out["combi"] = _combi(to_map(jnp.abs(g_kl)), to_map(nll), smooth_sigma)
+        out["combi"] = _combi(to_map(jnp.abs(g_kl)), to_map(nll), smooth_sigma, combi_group)
     return out
 
 
@@ -153,7 +166,8 @@ def check_predictors(predictors, allowed=PREDICTORS) -> tuple[str, ...]:
 
 
 def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth_sigma=3.0,
-                 n_samples=0, key=None, chunk_size=None) -> dict:
+                 n_samples=0, key=None, chunk_size=None, combi_group=COMBI_GROUP,
+                 reference_kl=False) -> dict:
     """Per-pixel anomaly maps of a batch, computed together from one forward pass.
 
     Args:
@@ -170,6 +184,13 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
       key: PRNG key, required when n_samples > 0 (chunk i draws with fold_in(key, i)).
       chunk_size: images per compiled call; larger batches are cut into chunks (results
         are the same). None = default_chunk_size(): 64 on CPU, no chunking on GPU/TPU.
+      combi_group: combi min-max normalises |kl_grad| over consecutive groups of this many
+        images of x (default 64: the reference code's per-loader-batch normalisation);
+        0 = over the whole of x.
+      reference_kl: reproduce the reference code's KL mix-up (it passes the standard
+        deviation where the log standard deviation is expected, so its KL is that of
+        N(mu, exp(sigma)**2) with sigma = exp(log_sigma)); changes kl_grad, elbo_grad and
+        combi. Off by default: jaxvae's KL is the correct one (README, method notes).
 
     Returns:
       dict name -> (N, 64, 64) float32 map; larger means more anomalous.
@@ -184,16 +205,19 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
     model = inference_model(model)
     x = jnp.asarray(x)
     x = x.astype(jnp.result_type(x.dtype, jnp.float32))  # float32, or float64 under x64
-    kw = dict(predictors=predictors, n_samples=int(n_samples), smooth_sigma=float(smooth_sigma))
+    kw = dict(predictors=predictors, n_samples=int(n_samples), smooth_sigma=float(smooth_sigma),
+              combi_group=int(combi_group), reference_kl=bool(reference_kl))
     beta = jnp.asarray(beta, x.dtype)
     chunk = default_chunk_size() if chunk_size is None else int(chunk_size)
     if chunk <= 0 or x.shape[0] <= chunk:
         return _anomaly_maps(model, params, x, beta, key, **kw)
+    # combi's groups inside the chunks: combi per chunk; else normalised after concatenation
+    defer = "combi" in predictors and not (0 < kw["combi_group"] and chunk % kw["combi_group"] == 0)
     parts = [_anomaly_maps(model, params, x[i:i + chunk], beta,
-                           jax.random.fold_in(key, i // chunk), defer_combi=True, **kw)
+                           jax.random.fold_in(key, i // chunk), defer_combi=defer, **kw)
              for i in range(0, x.shape[0], chunk)]
     out = {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
-    if "combi" in predictors:
+    if defer:
         out["combi"] = _combi_jit(out.pop("_kl_abs"), out.pop("_nll"),
-                                  smooth_sigma=kw["smooth_sigma"])
+                                  smooth_sigma=kw["smooth_sigma"], group=kw["combi_group"])
     return out

@@ -18,8 +18,7 @@ from tqdm.auto import tqdm
 from jaxvae.ensemble import fit_ensemble
 from jaxvae.io import all_or_nothing, write_text
 from jaxvae.metrics import evaluate_maps
-from jaxvae.predictors import PREDICTORS, anomaly_maps, check_predictors
-from jaxvae.projection import project
+from jaxvae.predictors import PREDICTORS, check_predictors
 
 ALL_PREDICTORS = (*PREDICTORS, "proj_rec_error")
 ENSEMBLE_FEATURES = ("rec_error", "kl_grad", "rec_grad")
@@ -64,12 +63,6 @@ class EvalSettings:
     postprocess: bool = False
 
 
-def _batches(n: int, batch_size: int):
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        yield np.minimum(idx, n - 1), min(batch_size, n - start)  # pad by repeating the last
-
-
 def compute_maps(model, params, images, *, beta=1.0, settings=EvalSettings(), progress=False):
     """All requested anomaly maps of a stack of slices, batch by batch.
 
@@ -85,31 +78,27 @@ def compute_maps(model, params, images, *, beta=1.0, settings=EvalSettings(), pr
     """
     import jax  # keeps `import jaxvae.evaluate` light for tools that only read results
 
+    from jaxvae import execution, score
+
     wanted = check_predictors(settings.predictors, ALL_PREDICTORS)
     grad_preds = tuple(p for p in wanted if p in PREDICTORS)
     images = np.asarray(images, np.float32)
     out = {p: np.empty(images.shape, np.float32) for p in wanted}
-    from jaxvae import parallel
-
-    # one device: the plain jitted functions; several: the same, batch split over devices
-    many = jax.local_device_count() > 1
-    maps_fn = parallel.sharded_maps if many else anomaly_maps
-    project_fn = parallel.sharded_project if many else project
+    policy = execution.current()
     key = jax.random.key(settings.seed)
-    batches = list(_batches(len(images), settings.batch_size))
-    for b, (idx, n) in enumerate(tqdm(batches, desc="scoring", disable=not progress,
-                                      unit="batch")):
+    for b, (idx, n) in enumerate(tqdm(list(score.batches(len(images), settings.batch_size)),
+                                      desc="scoring", disable=not progress, unit="batch")):
         x = images[idx][..., None]
         if grad_preds:
-            maps = maps_fn(model, params, x, beta=beta, predictors=grad_preds,
-                                smooth_sigma=settings.smooth_sigma, n_samples=settings.n_samples,
-                                combi_group=settings.combi_group,
-                                key=jax.random.fold_in(key, b) if settings.n_samples else None)
+            maps = score.maps(model, params, x, policy=policy, beta=beta,
+                              predictors=grad_preds, smooth_sigma=settings.smooth_sigma,
+                              n_samples=settings.n_samples, combi_group=settings.combi_group,
+                              key=jax.random.fold_in(key, b) if settings.n_samples else None)
             for name, m in maps.items():
                 out[name][idx[:n]] = np.asarray(m)[:n]
         if "proj_rec_error" in wanted:
-            _, m = project_fn(model, params, x, lam=settings.proj_lam, steps=settings.proj_steps,
-                           lr=settings.proj_lr)
+            _, m = score.project(model, params, x, policy=policy, lam=settings.proj_lam,
+                                 steps=settings.proj_steps, lr=settings.proj_lr)
             out["proj_rec_error"][idx[:n]] = np.asarray(m)[:n]
     return out
 

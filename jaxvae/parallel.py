@@ -18,8 +18,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxvae.errors import ConfigError
-from jaxvae.predictors import anomaly_maps
-from jaxvae.projection import project
 
 AXIS = "data"
 
@@ -129,65 +127,3 @@ def shard_batch(local_rows, mesh: Mesh, global_batch: int | None = None) -> jax.
         global_batch = local_rows.shape[0] * jax.process_count()
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_rows,
                                                   (global_batch,) + local_rows.shape[1:])
-
-
-def _pad_to_multiple(x: np.ndarray, n: int) -> np.ndarray:
-    # Repeat the last image rather than pad with zeros: a duplicate changes no batch-level
-    # statistic (combi's min-max normalisation), zeros could.
-    pad = -x.shape[0] % n
-    if pad == 0:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-
-
-def _sharded_inputs(params, x, mesh):
-    mesh = make_mesh() if mesh is None else mesh
-    x = np.asarray(x, dtype=np.float32)
-    n = x.shape[0]
-    xs = jax.device_put(_pad_to_multiple(x, mesh.size), batch_sharding(mesh))
-    return replicate(params, mesh), xs, n
-
-
-def sharded_maps(model, params, x, *, mesh: Mesh | None = None, **kwargs) -> dict:
-    """`predictors.anomaly_maps` with the batch split over the devices of one host.
-
-    Pads the batch to a multiple of the device count by repeating its last image (results
-    for real images unchanged), shards it on `data`, replicates params and lets jit
-    partition the computation. With n_samples > 0 the random draws depend on the padded
-    batch shape, so they differ from an unsharded call (equally valid samples).
-
-    Args:
-      model, params: the ConvVAE and its parameters.
-      x: (N, 64, 64, 1) float32 images (host array).
-      mesh: device mesh (default: make_mesh()).
-      **kwargs: passed to `anomaly_maps` (beta, predictors, smooth_sigma, n_samples, key).
-
-    Returns:
-      dict name -> (N, 64, 64) jax.Array sharded over the devices.
-    """
-    params, xs, n = _sharded_inputs(params, x, mesh)
-    # one call over the whole sharded batch: CPU chunking would slice across devices
-    kwargs.setdefault("chunk_size", 0)
-    return {k: v[:n] for k, v in anomaly_maps(model, params, xs, **kwargs).items()}
-
-
-def sharded_project(model, params, x, *, mesh: Mesh | None = None, **kwargs):
-    """`projection.project` with the batch split over the devices (images are independent).
-
-    Args:
-      model, params, x, mesh: as in `sharded_maps`.
-      **kwargs: passed to `project` (lam, steps, lr, map_kind).
-
-    Returns:
-      (x_projected (N, 64, 64, 1), map (N, 64, 64)).
-    """
-    params, xs, n = _sharded_inputs(params, x, mesh)
-    kwargs.setdefault("chunk_size", 0)  # as in sharded_maps
-    x_proj, maps = project(model, params, xs, **kwargs)
-    return x_proj[:n], maps[:n]
-
-
-def host_array(a) -> np.ndarray:
-    """A (replicated or fully addressable) jax.Array as a numpy array on this host."""
-    return np.asarray(jax.device_get(a))
-

@@ -15,24 +15,10 @@ import jax.numpy as jnp
 
 from jaxvae import losses
 from jaxvae.errors import ConfigError
-from jaxvae.model import ConvVAE, decode, encode, inference_model
+from jaxvae.model import ConvVAE, decode, encode
 
 PREDICTORS = ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi")
 GRADIENT_MAPS = ("rec_grad", "kl_grad", "elbo_grad")
-
-# Images per compiled call on CPU. A batch of 64 keeps the activations of one pass in cache;
-# at batch 256 the same program runs 1.5x slower per image (measured on a 2-core EPYC with
-# `python -m benchmarks.variants --parts chunks`: 738 vs 1128 images/s for the three gradient
-# maps; 128-image chunks 893, 32-image 1084), so larger batches are cut into chunks of
-# 64 for the maps and the projection (and into micro-batches for the gradient of the train
-# step, see jaxvae.train). Accelerators want large batches: no chunking there.
-CPU_CHUNK = 64
-
-
-def default_chunk_size(cpu: int = CPU_CHUNK) -> int:
-    """Images per chunk: `cpu` on the CPU backend, 0 (no chunking) on accelerators."""
-    return cpu if jax.default_backend() == "cpu" else 0
-
 
 def gaussian_matrix(size: int, sigma: float):
     """(size, size) matrix K such that K @ img @ K.T is a zero-padded Gaussian blur.
@@ -84,13 +70,10 @@ def _combi(kl_abs, nll, smooth_sigma, group):
     return smooth(_minmax_groups(kl_abs, group), smooth_sigma) * nll
 
 
-_combi_jit = jax.jit(_combi, static_argnames=("smooth_sigma", "group"))
-
-
 @functools.partial(jax.jit, static_argnames=("model", "predictors", "n_samples", "smooth_sigma",
-                                             "combi_group", "reference_kl", "defer_combi"))
+                                             "combi_group", "reference_kl"))
 def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_sigma,
-                  combi_group=COMBI_GROUP, reference_kl=False, defer_combi=False):
+                  combi_group=COMBI_GROUP, reference_kl=False):
     want = set(predictors)
     need_rec = bool(want & {"rec_error", "rec_grad", "elbo_grad", "combi"})
     need_rec_grad = bool(want & {"rec_grad", "elbo_grad"})
@@ -145,9 +128,7 @@ def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_
         out["kl_grad"] = smooth(to_map(jnp.abs(g_kl)), smooth_sigma)
     if "elbo_grad" in want:
         out["elbo_grad"] = smooth(to_map(jnp.abs(g_rec + beta * g_kl)), smooth_sigma)
-    if "combi" in want and defer_combi:  # normalised over the whole batch by the caller
-        out["_kl_abs"], out["_nll"] = to_map(jnp.abs(g_kl)), to_map(nll)
-    elif "combi" in want:
+    if "combi" in want:
         out["combi"] = _combi(to_map(jnp.abs(g_kl)), to_map(nll), smooth_sigma, combi_group)
     return out
 
@@ -166,9 +147,13 @@ def check_predictors(predictors, allowed=PREDICTORS) -> tuple[str, ...]:
 
 
 def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth_sigma=3.0,
-                 n_samples=0, key=None, chunk_size=None, combi_group=COMBI_GROUP,
-                 reference_kl=False) -> dict:
+                 n_samples=0, key=None, combi_group=COMBI_GROUP, reference_kl=False) -> dict:
     """Per-pixel anomaly maps of a batch, computed together from one forward pass.
+
+    A pure function of (params, x): `jax.jit` (model and the keyword options static) and
+    `jax.vmap` of it work. It computes the whole batch in one call, in the model's own
+    convolution form; `jaxvae.score.maps` is the batcher that applies the per-backend
+    execution policy (chunks, convolution forms, devices).
 
     Args:
       model: the ConvVAE (static: its hyper-parameters select the compiled function).
@@ -181,9 +166,7 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
         smoothed.
       n_samples: 0 = z is mu (the default, as in the reference code); n > 0 averages the
         reconstruction loss over n reparameterised samples drawn with `key`.
-      key: PRNG key, required when n_samples > 0 (chunk i draws with fold_in(key, i)).
-      chunk_size: images per compiled call; larger batches are cut into chunks (results
-        are the same). None = default_chunk_size(): 64 on CPU, no chunking on GPU/TPU.
+      key: PRNG key, required when n_samples > 0.
       combi_group: combi min-max normalises |kl_grad| over consecutive groups of this many
         images of x (default 64: the reference code's per-loader-batch normalisation);
         0 = over the whole of x.
@@ -202,22 +185,9 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
         raise ConfigError("n_samples > 0 needs a PRNG key (key=jax.random.key(...))")
     if key is None:
         key = jax.random.key(0)  # unused when n_samples == 0; keeps one compiled signature
-    model = inference_model(model)
     x = jnp.asarray(x)
     x = x.astype(jnp.result_type(x.dtype, jnp.float32))  # float32, or float64 under x64
-    kw = dict(predictors=predictors, n_samples=int(n_samples), smooth_sigma=float(smooth_sigma),
-              combi_group=int(combi_group), reference_kl=bool(reference_kl))
-    beta = jnp.asarray(beta, x.dtype)
-    chunk = default_chunk_size() if chunk_size is None else int(chunk_size)
-    if chunk <= 0 or x.shape[0] <= chunk:
-        return _anomaly_maps(model, params, x, beta, key, **kw)
-    # combi's groups inside the chunks: combi per chunk; else normalised after concatenation
-    defer = "combi" in predictors and not (0 < kw["combi_group"] and chunk % kw["combi_group"] == 0)
-    parts = [_anomaly_maps(model, params, x[i:i + chunk], beta,
-                           jax.random.fold_in(key, i // chunk), defer_combi=defer, **kw)
-             for i in range(0, x.shape[0], chunk)]
-    out = {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
-    if defer:
-        out["combi"] = _combi_jit(out.pop("_kl_abs"), out.pop("_nll"),
-                                  smooth_sigma=kw["smooth_sigma"], group=kw["combi_group"])
-    return out
+    return _anomaly_maps(model, params, x, jnp.asarray(beta, x.dtype), key,
+                         predictors=predictors, n_samples=int(n_samples),
+                         smooth_sigma=float(smooth_sigma), combi_group=int(combi_group),
+                         reference_kl=bool(reference_kl))

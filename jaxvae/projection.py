@@ -15,8 +15,7 @@ import optax
 
 from jaxvae import losses
 from jaxvae.errors import ConfigError
-from jaxvae.model import ConvVAE, decode, encode, inference_model
-from jaxvae.predictors import default_chunk_size
+from jaxvae.model import ConvVAE, decode, encode
 
 PROJECTION_MAPS = ("rec", "diff")
 
@@ -39,36 +38,55 @@ def energy(model, params, x, x0, lam):
     return jnp.sum(losses.rec_nll(x, x_hat), axis=axes) + lam * jnp.sum(_l1(x - x0), axis=axes)
 
 
-# Adam steps per compiled call. On XLA:CPU the body of a while loop (lax.fori_loop / scan)
-# runs slower than the same ops at the top level of a program (measured 2.4x with
-# `python -m benchmarks.variants --parts projection`), so the steps are unrolled in
-# chunks of CHUNK and a Python loop calls the chunk: one compile of a 10-step program instead
-# of a slow loop, or of a 100-step program that would take minutes to compile.
-CHUNK = 10
+def init(x0, lr):
+    """The optimiser state of a projection starting at x0 (Adam with learning rate lr)."""
+    return optax.adam(lr).init(x0)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps"))
-def _adam_steps(model, params, x, state, x0, lam, lr, *, steps):
-    """`steps` unrolled Adam steps on E(x); returns the new (x, optimiser state)."""
+@functools.partial(jax.jit, static_argnames=("model", "steps", "unroll"))
+def adam_steps(model, params, x, state, x0, lam, lr, *, steps, unroll=1):
+    """`steps` Adam steps on E(x) as one compiled loop; returns the new (x, state).
+
+    Args:
+      unroll: Adam steps per iteration of the compiled loop (`lax.fori_loop(unroll=)`);
+        True unrolls them all into straight-line code.
+    """
     opt = optax.adam(lr)
     # images are independent: the gradient of the batch sum is each image's own gradient
     grad_e = jax.grad(lambda x: jnp.sum(energy(model, params, x, x0, lam)))
-    for _ in range(steps):
+
+    def step(_, carry):
+        x, state = carry
         updates, state = opt.update(grad_e(x), state, x)
-        x = optax.apply_updates(x, updates)
-    return x, state
+        return optax.apply_updates(x, updates), state
+
+    return jax.lax.fori_loop(0, steps, step, (x, state), unroll=unroll)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "map_kind"))
-def _projection_map(model, params, x, x0, *, map_kind):
+def projection_map(model, params, x, x0, *, map_kind="rec"):
+    """The anomaly map of projected images x against the inputs x0, (N, 64, 64)."""
     if map_kind == "rec":
         return losses.squared_error(x0, _reconstruct(model, params, x))[..., 0]
     return jnp.abs(x0 - x)[..., 0]
 
 
+def check_args(*, lam, steps, lr, map_kind):
+    """Raise ConfigError for projection settings that make no sense."""
+    if steps < 0 or lam < 0 or lr <= 0:
+        raise ConfigError(f"projection needs steps >= 0, lam >= 0, lr > 0 "
+                          f"(got steps={steps}, lam={lam}, lr={lr})")
+    if map_kind not in PROJECTION_MAPS:
+        raise ConfigError(f"unknown projection map {map_kind!r}; choose from {PROJECTION_MAPS}")
+
+
 def project(model: ConvVAE, params, x, *, lam=1.0, steps=100, lr=0.03, map_kind="rec",
-            chunk_size=None):
+            unroll=1):
     """Project images onto the normal manifold and return the Proj-Rec-Error map.
+
+    A pure function of (params, x): the Adam steps are one compiled `fori_loop`, and
+    `jax.jit` / `jax.vmap` of `project` work. `jaxvae.score.project` is the batcher that
+    applies the per-backend execution policy (chunks, convolution forms, step schedule).
 
     Args:
       model, params: the trained ConvVAE and its parameters.
@@ -77,28 +95,15 @@ def project(model: ConvVAE, params, x, *, lam=1.0, steps=100, lr=0.03, map_kind=
       steps: number of Adam steps on x (the paper gives no value); 0 returns rec_error.
       lr: Adam learning rate (0.03 in the paper).
       map_kind: "rec" -> (x_0 - decode(mu(x_T)))**2 (the paper's map); "diff" -> |x_0 - x_T|.
-      chunk_size: images projected together; larger batches are projected chunk by chunk
-        (the same result: images are independent). None = 64 on CPU, all at once else.
+      unroll: Adam steps per iteration of the compiled loop (see `adam_steps`).
 
     Returns:
       (x_projected (N, 64, 64, 1), map (N, 64, 64)).
     """
-    if steps < 0 or lam < 0 or lr <= 0:
-        raise ConfigError(f"projection needs steps >= 0, lam >= 0, lr > 0 "
-                          f"(got steps={steps}, lam={lam}, lr={lr})")
-    if map_kind not in PROJECTION_MAPS:
-        raise ConfigError(f"unknown projection map {map_kind!r}; choose from {PROJECTION_MAPS}")
-    model = inference_model(model)
+    check_args(lam=lam, steps=steps, lr=lr, map_kind=map_kind)
     x0 = jnp.asarray(x)
     x0 = x0.astype(jnp.result_type(x0.dtype, jnp.float32))  # float32, or float64 under x64
-    chunk = default_chunk_size() if chunk_size is None else int(chunk_size)
-    if 0 < chunk < x0.shape[0]:
-        parts = [project(model, params, x0[i:i + chunk], lam=lam, steps=steps, lr=lr,
-                         map_kind=map_kind, chunk_size=0) for i in range(0, x0.shape[0], chunk)]
-        return tuple(jnp.concatenate(a) for a in zip(*parts, strict=True))
     lam, lr = jnp.asarray(lam, x0.dtype), jnp.asarray(lr, x0.dtype)
-    x, state = x0, optax.adam(lr).init(x0)
-    for k in [CHUNK] * (int(steps) // CHUNK) + [int(steps) % CHUNK]:
-        if k:
-            x, state = _adam_steps(model, params, x, state, x0, lam, lr, steps=k)
-    return x, _projection_map(model, params, x, x0, map_kind=map_kind)
+    x, _ = adam_steps(model, params, x0, init(x0, lr), x0, lam, lr, steps=int(steps),
+                      unroll=unroll)
+    return x, projection_map(model, params, x, x0, map_kind=map_kind)

@@ -67,7 +67,7 @@ def _loss(model, params, x):
     return jnp.sum(jnp.sin(3 * recon)) + jnp.sum(aux["mu"] ** 2) + jnp.sum(aux["log_sigma"])
 
 
-@pytest.mark.parametrize("impl", ["lax", "s2d", "auto", "auto_inference"])
+@pytest.mark.parametrize("impl", ["lax", "s2d", "cpu_inference"])
 def test_conv_impls_equal_flax_conv_layers(impl):
     ref_model = _FlaxLayersVAE(latent_dim=32)
     model = jaxvae.ConvVAE(latent_dim=32, conv_impl=impl)
@@ -88,14 +88,22 @@ def test_conv_impls_equal_flax_conv_layers(impl):
 
 
 def test_conv_impl_choices_and_names_are_checked():
-    from jaxvae.model import inference_model, resolve_conv_impl
-    cpu = jax.default_backend() == "cpu"
-    assert resolve_conv_impl("auto", in_channels=64) == ("s2d" if cpu else "lax")
-    forms = {resolve_conv_impl("auto_inference", transpose=t, in_channels=c)
+    from jaxvae.convs import layer_form
+    # a plain attribute: the same forms on every backend
+    assert {layer_form(i, transpose=False, in_channels=64) for i in ("lax", "s2d")} == {
+        "lax", "s2d"}
+    forms = {layer_form("cpu_inference", transpose=t, in_channels=c)
              for t in (False, True) for c in (1, 16, 32, 64, 256)}
-    assert forms == ({"lax", "s2d", "s2d_dot"} if cpu else {"lax"})
+    assert forms == {"lax", "s2d", "s2d_dot"}
     with pytest.raises(ValueError, match="conv_impl"):
-        resolve_conv_impl("fast")
-    # the inference entry points switch only an "auto" model
-    assert inference_model(jaxvae.ConvVAE()).conv_impl == "auto_inference"
-    assert inference_model(jaxvae.ConvVAE(conv_impl="lax")).conv_impl == "lax"
+        layer_form("fast", transpose=False, in_channels=1)
+    with pytest.raises(ValueError, match="conv_impl"):
+        jaxvae.ConvVAE(conv_impl="auto")
+
+
+def test_the_backend_is_read_in_one_module():
+    import pathlib
+    pkg = pathlib.Path(jaxvae.__file__).parent
+    readers = sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*.py")
+                     if "default_backend()" in p.read_text())
+    assert readers == ["execution.py"]

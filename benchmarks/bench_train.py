@@ -23,8 +23,9 @@ import jax
 import numpy as np
 
 from jaxvae import parallel
+from jaxvae.config import TrainConfig
 from jaxvae.io import write_text
-from jaxvae.train import TrainConfig, init_state, step_keys, train_step_for
+from jaxvae.train import init_state, step_keys, train_step_for
 
 
 def bench_batch(batch_size: int, *, steps: int, repeats: int, warmup: int, augment: bool,

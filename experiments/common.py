@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from jaxvae import pipeline
+from jaxvae.checkpoint import load_run
+from jaxvae.config import TrainConfig
 from jaxvae.data.datasets import SliceSet
 from jaxvae.evaluate import EvalSettings, compute_maps, row_order, score_maps
 from jaxvae.figures import map_figure
 from jaxvae.io import write_text
 from jaxvae.model import decode, encode
-from jaxvae.train import TrainConfig, load_run, train
+from jaxvae.train import train
 
 _TABLES = Path(__file__).resolve().parents[1].parent / "shared/reference/paper_tables.json"
 PAPER = json.loads(_TABLES.read_text()) if _TABLES.is_file() else {}  # the paper's numbers

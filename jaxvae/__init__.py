@@ -1,24 +1,22 @@
 """jaxvae: unsupervised anomaly localisation in brain MRI with VAEs and beta-VAEs."""
 
+from jaxvae.augment import augment_batch
+from jaxvae.checkpoint import load_run
+from jaxvae.config import AugmentConfig, TrainConfig, model_from_config
 from jaxvae.errors import ConfigError, DataError, JaxvaeError, OutputError, RunError
+from jaxvae.execution import ExecutionPolicy
 from jaxvae.losses import beta_elbo, kl_divergence, rec_nll, squared_error
 from jaxvae.model import ConvVAE, decode, encode, init_params
-from jaxvae.parallel import initialize_distributed, make_mesh, sharded_maps, sharded_project
+from jaxvae.parallel import initialize_distributed, make_mesh
 from jaxvae.predictors import PREDICTORS, anomaly_maps, smooth
 from jaxvae.projection import project
-from jaxvae.train import (
-                          AugmentConfig,
-                          TrainConfig,
-                          augment_batch,
-                          load_run,
-                          make_train_step,
-                          model_from_config,
-                          train,
-)
+from jaxvae.score import sharded_maps, sharded_project
+from jaxvae.train import make_train_step, train
 
 __all__ = [
     "PREDICTORS",
     "AugmentConfig",
+    "ExecutionPolicy",
     "TrainConfig",
     "augment_batch",
     "initialize_distributed",

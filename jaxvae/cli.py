@@ -142,7 +142,9 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_train(args):
     from jaxvae import pipeline
-    from jaxvae.train import AugmentConfig, TrainConfig, check_run_dir, train
+    from jaxvae.checkpoint import check_run_dir
+    from jaxvae.config import AugmentConfig, TrainConfig
+    from jaxvae.train import train
 
     _check_outputs(args.out, [], args.overwrite)  # a file in the way: refuse before loading
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # and a used run dir
@@ -174,7 +176,7 @@ def cmd_train(args):
 def _run_and_data(args):
     """The run and the test slices it should be evaluated on (defaults from its config)."""
     from jaxvae import pipeline
-    from jaxvae.train import load_run
+    from jaxvae.checkpoint import load_run
 
     model, params, cfg = load_run(args.run)
     d = cfg.data or {}
@@ -210,7 +212,7 @@ def cmd_evaluate(args):
 
 def cmd_score(args):
     from jaxvae import pipeline
-    from jaxvae.train import load_run
+    from jaxvae.checkpoint import load_run
 
     settings = _settings(args)  # bad flags before slow loading
     _check_outputs(args.out, [], args.overwrite)

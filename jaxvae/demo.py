@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from jaxvae import pipeline
+from jaxvae.config import TrainConfig, model_from_config
 from jaxvae.data import phantom
 from jaxvae.data.datasets import find_brats_cases, load_slices
 from jaxvae.errors import OutputError
 from jaxvae.evaluate import EvalSettings, score_dataset, write_results
 from jaxvae.figures import map_figure
 from jaxvae.model import decode, encode
-from jaxvae.train import TrainConfig, model_from_config, train
+from jaxvae.train import train
 
 # (n_healthy, n_lesion, epochs, projection steps): full < 5 min, quick < 1 min on 2 cores
 FULL = dict(n_healthy=16, n_lesion=8, epochs=30, proj_steps=50)

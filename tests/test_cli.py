@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxvae.cli import main
-from jaxvae.train import TrainConfig, train
+from jaxvae.config import TrainConfig
+from jaxvae.train import train
 
 
 @pytest.fixture(scope="module")

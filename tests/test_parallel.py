@@ -18,9 +18,10 @@ import pytest
 import scipy.ndimage as ndi
 
 from jaxvae import parallel
+from jaxvae.config import TrainConfig, model_from_config
 from jaxvae.errors import ConfigError
 from jaxvae.predictors import anomaly_maps
-from jaxvae.train import TrainConfig, init_state, model_from_config, train
+from jaxvae.train import init_state, train
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = TrainConfig(latent_dim=8, channels=(4, 4, 4, 4), batch_size=16, lr=1e-3, epochs=2)
@@ -91,7 +92,9 @@ TWO_DEVICES = """
     from jaxvae.errors import ConfigError
     from jaxvae.predictors import anomaly_maps
     from jaxvae.projection import project
-    from jaxvae.train import TrainConfig, load_run, model_from_config, train
+    from jaxvae.checkpoint import load_run
+    from jaxvae.config import TrainConfig, model_from_config
+    from jaxvae.train import train
     cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
     data, run_dir = np.load(sys.argv[2]), sys.argv[3]
     assert jax.device_count() == 2, jax.devices()
@@ -164,7 +167,8 @@ TWO_PROCESSES = """
     pid, port = int(sys.argv[1]), int(sys.argv[2])
     parallel.initialize_distributed(f"127.0.0.1:{port}", 2, pid, timeout_s=120)
     import jax, numpy as np
-    from jaxvae.train import TrainConfig, init_state, model_from_config, train
+    from jaxvae.config import TrainConfig, model_from_config
+    from jaxvae.train import init_state, train
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 2, 1)
     cfg = TrainConfig.from_dict(json.loads(sys.argv[3]))
     data = np.load(sys.argv[4], mmap_mode="r")

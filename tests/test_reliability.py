@@ -32,11 +32,12 @@ import numpy as np
 import pytest
 
 from jaxvae.cli import main
+from jaxvae.config import TrainConfig
 from jaxvae.data.datasets import Case, load_slices
 from jaxvae.errors import OutputError
 from jaxvae.evaluate import write_results
 from jaxvae.io import confined
-from jaxvae.train import TrainConfig, train
+from jaxvae.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (48, 48, 32)

@@ -19,20 +19,12 @@ import pytest
 import scipy.ndimage as ndi
 
 from jaxvae import losses
+from jaxvae.augment import affine_resample, augment_batch
+from jaxvae.checkpoint import load_run
+from jaxvae.config import AugmentConfig, TrainConfig, model_from_config
 from jaxvae.errors import ConfigError, DataError, OutputError, RunError
 from jaxvae.model import ConvVAE
-from jaxvae.train import (
-    AugmentConfig,
-    TrainConfig,
-    affine_resample,
-    augment_batch,
-    epoch_permutation,
-    init_state,
-    load_run,
-    make_train_step,
-    model_from_config,
-    train,
-)
+from jaxvae.train import epoch_permutation, init_state, make_train_step, train
 
 REPO = Path(__file__).resolve().parents[1]
 # one tiny model and optimiser shared by most tests: the compiled step is cached across them
@@ -333,23 +325,12 @@ def test_load_run_errors_name_the_path_and_problem(tmp_path):
     for f in (good / "checkpoints" / str(step) / "params").rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(f.read_bytes()[:5])
-    code = ("import sys\nfrom jaxvae.errors import RunError\nfrom jaxvae.train import load_run\n"
+    code = ("import sys\nfrom jaxvae.errors import RunError\nfrom jaxvae import load_run\n"
             "try:\n    load_run(sys.argv[1])\nexcept RunError as e:\n    print('RunError:', e)")
     out = subprocess.run([sys.executable, "-c", code, str(good)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300).stdout
     assert f"RunError: {good}/checkpoints/{step}: cannot read checkpoint" in out
     assert "truncated or corrupt" in out
-
-
-def test_only_unretrieved_tensorstore_read_errors_are_dropped_from_asyncio_logs(caplog):
-    from jaxvae.train import _drop_closed_loop_reports
-    _drop_closed_loop_reports()
-    log = logging.getLogger("asyncio")
-    log.error("Task exception was never retrieved\nfuture: <Task exception=ValueError("
-              "'OUT_OF_RANGE: ... [tensorstore_spec=...]')>")
-    log.error("Task exception was never retrieved\nfuture: <Task exception=KeyError('x')>")
-    assert [r.getMessage().splitlines()[-1] for r in caplog.records] == [
-        "future: <Task exception=KeyError('x')>"]
 
 
 def test_non_finite_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path):
@@ -382,7 +363,8 @@ def test_rejects_bad_training_images(tmp_path):
 CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from jaxvae.train import TrainConfig, train
+    from jaxvae.config import TrainConfig
+    from jaxvae.train import train
     run_dir, cfg_json, data, mode = sys.argv[1:5]
     train(TrainConfig.from_dict(json.loads(cfg_json)), np.load(data), run_dir,
           resume=mode == "resume", progress=False)

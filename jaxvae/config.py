@@ -1,0 +1,149 @@
+"""A training run's settings: the TrainConfig (with its AugmentConfig) and the model it names.
+
+One frozen dataclass holds everything that defines a run; it is saved as config.json beside
+the run's checkpoints (jaxvae.checkpoint) and validated on construction, so a bad value is
+refused before any data is loaded.
+"""
+
+import dataclasses
+import json
+
+from jaxvae.errors import ConfigError
+from jaxvae.model import ConvVAE
+
+# Fields a resumed run may change: they set how long to train and what to keep, not what
+# the steps compute.
+SCHEDULE_FIELDS = ("epochs", "checkpoint_every", "keep_checkpoints")
+
+
+def _pair(name, value):
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"augmentation {name} must be a (low, high) pair, "
+                          f"got {value!r}") from None
+    if not lo <= hi:
+        raise ConfigError(f"augmentation {name} range must have low <= high, got {value!r}")
+    return lo, hi
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the on-the-fly augmentation, each drawn uniformly per image.
+
+    Attributes:
+      rotation: maximum |angle| in radians (angle ~ U(-rotation, rotation)).
+      scale: (low, high) zoom factor; > 1 enlarges the image.
+      brightness: (low, high) multiplicative intensity factor.
+      contrast: (low, high) factor on the deviation from the image mean (off by default:
+        the reference code changes brightness only).
+      noise_std: standard deviation of the additive Gaussian noise (z-score units).
+      mirror_prob: probability of a left-right mirror (last axis).
+    """
+
+    rotation: float = 0.1
+    scale: tuple[float, float] = (0.9, 1.2)
+    brightness: tuple[float, float] = (0.95, 1.1)
+    contrast: tuple[float, float] = (1.0, 1.0)
+    noise_std: float = 0.05
+    mirror_prob: float = 0.5
+
+    def __post_init__(self):
+        for name in ("scale", "brightness", "contrast"):
+            object.__setattr__(self, name, _pair(name, getattr(self, name)))
+        for name in ("rotation", "noise_std", "mirror_prob"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.rotation < 0 or self.noise_std < 0:
+            raise ConfigError("augmentation rotation and noise_std must be >= 0")
+        if self.scale[0] <= 0:
+            raise ConfigError(f"augmentation scale must be > 0, got {self.scale}")
+        if not 0 <= self.mirror_prob <= 1:
+            raise ConfigError(f"augmentation mirror_prob must be in [0, 1], got {self.mirror_prob}")
+
+    @classmethod
+    def neutral(cls) -> "AugmentConfig":
+        """Ranges that leave every image unchanged."""
+        return cls(rotation=0.0, scale=(1.0, 1.0), brightness=(1.0, 1.0), contrast=(1.0, 1.0),
+                   noise_std=0.0, mirror_prob=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; saved as config.json in the run directory.
+
+    Attributes:
+      latent_dim: latent size l (paper: 32, 64, 256).
+      beta: KL weight of the beta-VAE loss.
+      lr: Adam learning rate.
+      batch_size: global batch size (a multiple of the device count).
+      epochs: total number of epochs of the run (a resumed run trains up to this).
+      seed: seeds initialisation, data order, augmentation and z samples.
+      checkpoint_every: save a checkpoint every this many epochs (and at the end).
+      keep_checkpoints: number of most recent checkpoints kept.
+      augment: apply `augmentation` on the fly.
+      augmentation: the augmentation ranges.
+      channels: encoder channels of the ConvVAE.
+      data: free-form JSON description of the training data (source, modality, fold, ...).
+    """
+
+    latent_dim: int = 256
+    beta: float = 1.0
+    lr: float = 1e-4
+    batch_size: int = 64
+    epochs: int = 500
+    seed: int = 0
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    augment: bool = True
+    augmentation: AugmentConfig = AugmentConfig()
+    channels: tuple[int, ...] = (16, 32, 64, 256)
+    data: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        aug = self.augmentation
+        if isinstance(aug, dict):
+            aug = _from_dict(AugmentConfig, aug, "augmentation")
+        if not isinstance(aug, AugmentConfig):
+            raise ConfigError(f"augmentation must be an AugmentConfig, got {type(aug).__name__}")
+        object.__setattr__(self, "augmentation", aug)
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        for name in ("latent_dim", "batch_size", "checkpoint_every", "keep_checkpoints"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs < 0 or self.beta < 0 or not self.lr > 0:
+            raise ConfigError(f"need epochs >= 0, beta >= 0, lr > 0 (got epochs={self.epochs}, "
+                              f"beta={self.beta}, lr={self.lr})")
+        if len(self.channels) != 4 or min(self.channels) < 1:
+            raise ConfigError(f"channels must be 4 positive ints, got {self.channels}")
+        try:
+            json.dumps(self.data)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"data description must be JSON-serialisable ({e})") from None
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (tuples as lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Inverse of `to_dict`; unknown keys raise ConfigError."""
+        return _from_dict(cls, d, "TrainConfig")
+
+
+def _from_dict(cls, d, what):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} field(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
+
+def model_from_config(cfg: TrainConfig) -> ConvVAE:
+    """The ConvVAE a config describes."""
+    return ConvVAE(latent_dim=int(cfg.latent_dim), channels=tuple(cfg.channels))
+

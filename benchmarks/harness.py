@@ -6,7 +6,9 @@ is reported, and JAX compile time separately (ahead-of-time `lower().compile()` 
 naive maps and the train step; for the library's entry points `anomaly_maps` and `project`,
 which are called as users call them, the first call minus the median call). Before any
 timing the PyTorch reference, loaded with the same weights, must reproduce the JAX maps to
-1e-4 of the map scale, so both sides provably do the same work.
+1e-4 of the map scale, so both sides provably do the same work; that check runs on
+pre-processed brain slices with an exact-zero background (phantom slices, plus real BraTS
+slices where ../shared/data exists), not on the random images that are timed.
 
     python -m benchmarks.harness --out bench.json --md bench.md
 
@@ -19,6 +21,7 @@ it where the program is compiled ahead of time. "% peak" is relative to a large 
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -27,6 +30,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +39,7 @@ import optax
 
 import jaxvae
 from jaxvae import losses
+from jaxvae.errors import DataError
 from jaxvae.io import write_text
 from jaxvae.model import CONV_IMPLS
 from jaxvae.predictors import GRADIENT_MAPS, smooth
@@ -45,6 +50,9 @@ PREDICTOR_OPS = ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi")
 FUSED_TORCH_VARIANTS = ("retain_graph", "fwd1_bwd2", "batched_vjp")
 ROW_KEYS = ("framework", "op", "batch_size", "images_per_s", "ms_per_batch", "compile_s",
             "gflops", "pct_peak")
+# real scans beside the repository (../shared/data/README.md); absent on most machines
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_AGREEMENT_DATA = ("brats2018_flair", "flair")  # (folder, modality): its first case
 
 
 class AgreementError(RuntimeError):
@@ -331,16 +339,115 @@ def _rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
 
 
-def check_agreement(model, params, tr, tmodel, x, *, ops, beta, sigma, steps, lam, lr,
+def _spread(n_total: int, n: int) -> np.ndarray:
+    """n indices spread evenly over range(n_total), the centres of n equal parts (no ends)."""
+    return np.unique(np.minimum(((np.arange(n) + 0.5) * n_total / n).astype(int), n_total - 1))
+
+
+@functools.lru_cache(maxsize=2)
+def _phantom_slices(seed: int) -> np.ndarray:
+    """All pre-processed (S, 64, 64) slices of phantom case `seed` (a tumour case, T2).
+
+    The volume is reoriented to RAS as `jaxvae.data.nifti.load_volume` does with the file
+    the phantom writer would save (BraTS affine), then goes through `preprocess_volume` with
+    the default `PreprocessParams`, as `jaxvae.pipeline.score_volume` and `load_slices` do.
+    """
+    from nibabel.orientations import (
+        apply_orientation,
+        axcodes2ornt,
+        io_orientation,
+        ornt_transform,
+    )
+
+    from jaxvae.data import phantom
+    from jaxvae.data.preprocess import PreprocessParams, preprocess_volume
+
+    case = phantom.make_case(seed, lesion_kinds=("tumour",))
+    ras = apply_orientation(case.image, ornt_transform(io_orientation(case.affine),
+                                                       axcodes2ornt("RAS")))
+    images, _, _, _ = preprocess_volume(np.ascontiguousarray(ras), PreprocessParams(),
+                                        name=f"phantom case {seed}")
+    images.setflags(write=False)
+    return images
+
+
+def _real_slices(root: Path):
+    """(all pre-processed slices, case id) of the first case of REAL_AGREEMENT_DATA."""
+    from jaxvae.data.datasets import find_brats_cases, load_slices
+
+    folder, modality = REAL_AGREEMENT_DATA
+    case = find_brats_cases(root / folder, modality)[0]
+    return load_slices([case]).images, f"{folder}/{case.case_id} ({modality})"
+
+
+def agreement_inputs(n: int = 8, seed: int = 0, shared_data=SHARED_DATA, log=print) -> dict:
+    """Realistic batches for `check_agreement`: name -> ((n, 64, 64, 1) float32, description).
+
+    "phantom": n slices spread over the brain of phantom case `seed` (always present).
+    "real": n slices spread over the first case of ../shared/data/brats2018_flair (FLAIR),
+    pre-processed by `jaxvae.data.datasets.load_slices`; left out, with a log line, where that
+    folder is absent or unreadable. Both are what scoring feeds the model: z-scored brain,
+    clipped to +-1.5, background exactly 0 (every slice keeps background and brain).
+    """
+    out = {}
+    images = _phantom_slices(seed)
+    idx = _spread(len(images), n)
+    out["phantom"] = (jnp.asarray(images[idx][..., None]),
+                      f"phantom case {seed} (tumour, T2), slices {idx.tolist()} of {len(images)}")
+    root = Path(shared_data) if shared_data is not None else None
+    if root is None or not (root / REAL_AGREEMENT_DATA[0]).is_dir():
+        log(f"agreement: no real slices ({root} has no {REAL_AGREEMENT_DATA[0]}/); "
+            "phantom slices only")
+        return out
+    try:
+        images, what = _real_slices(root)
+    except DataError as e:
+        log(f"agreement: real slices skipped ({e})")
+        return out
+    idx = _spread(len(images), n)
+    out["real"] = (jnp.asarray(images[idx][..., None]),
+                   f"{what}, slices {idx.tolist()} of {len(images)}")
+    return out
+
+
+def check_agreement(model, params, tr, tmodel, x=None, *, ops, beta, sigma, steps, lam, lr,
                     tol=1e-4) -> dict:
     """Max |jax - torch| / max |jax| for every map the timed ops produce; raises on > tol.
 
+    x: one (N, 64, 64, 1) batch (keys are the map names), a dict name -> batch (keys
+    "name/map"), or None for `agreement_inputs(8)`: phantom slices and, where
+    ../shared/data exists, real ones. Realistic inputs matter (issue #16): pre-processed
+    slices have an exact-zero background and the convolutions have no bias, so every
+    all-background patch has a pre-activation of exactly 0, on the LeakyReLU's kink, and the
+    derivative there (the slope 0.01 in PyTorch) decides the gradient maps over the whole
+    background. Random-normal images never reach the kink; a flax `leaky_relu` (derivative 1
+    at 0) passed a check on them while its kl_grad differed by 100% of the map scale on
+    brain slices. Exact zeros are computed exactly by both frameworks; a pre-activation that
+    is merely within rounding of 0 can still take the other branch in the other framework,
+    which changes a map locally, but none does on these inputs.
+
     Runs at full float32 precision on both sides (no TF32 on GPUs), the precision of the
-    maps themselves; timings later use each framework's defaults. Gradient maps are not
-    continuous in f32 rounding: a LeakyReLU pre-activation within ~1e-8 of 0 can take the
-    other branch in another framework and change that image's map by a few % locally; the
-    fixed check batch (seed 0) has none, other inputs rarely might.
+    maps themselves; timings later use each framework's defaults.
     """
+    if x is None:
+        x = {k: v[0] for k, v in agreement_inputs(log=lambda *_: None).items()}
+    batches = x if isinstance(x, dict) else {"": x}
+    errs = {}
+    for name, xb in batches.items():
+        errs.update({(f"{name}/{k}" if name else k): v for k, v in _agreement_errors(
+            model, params, tr, tmodel, jnp.asarray(xb), ops=ops, beta=beta, sigma=sigma,
+            steps=steps, lam=lam, lr=lr).items()})
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    if bad:
+        raise AgreementError(
+            f"PyTorch reference disagrees with JAX beyond {tol:g} of the map scale: {bad}. The "
+            "two frameworks would not time the same work; check benchmarks/torch_reference.py "
+            "(weight conversion, loss definitions, activation derivative at 0).")
+    return errs
+
+
+def _agreement_errors(model, params, tr, tmodel, x, *, ops, beta, sigma, steps, lam,
+                      lr) -> dict:
     import torch
     old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -383,12 +490,6 @@ def check_agreement(model, params, tr, tmodel, x, *, ops, beta, sigma, steps, la
                                                                tp.grad.cpu().numpy())
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-    bad = {k: v for k, v in errs.items() if not v <= tol}
-    if bad:
-        raise AgreementError(
-            f"PyTorch reference disagrees with JAX beyond {tol:g} of the map scale: {bad}. The "
-            "two frameworks would not time the same work; check benchmarks/torch_reference.py "
-            "(weight conversion, loss definitions).")
     return errs
 
 
@@ -474,9 +575,13 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
     if torch is not None:
         tmodel = tr.from_flax(model, params, tdev).eval().requires_grad_(False)
         if check:
-            xc = _images(min(8, min(batch_sizes)), seed)
-            report["agreement"] = check_agreement(model, params, tr, tmodel, xc, ops=ops, **kw)
-            log(f"torch == jax: max relative error {max(report['agreement'].values()):.2e}")
+            inputs = agreement_inputs(min(8, min(batch_sizes)), seed, log=log)
+            report["agreement_inputs"] = {k: v[1] for k, v in inputs.items()}
+            report["agreement"] = check_agreement(model, params, tr, tmodel,
+                                                  {k: v[0] for k, v in inputs.items()},
+                                                  ops=ops, **kw)
+            log(f"torch == jax on {', '.join(inputs)} slices: max relative error "
+                f"{max(report['agreement'].values()):.2e}")
     if torch is not None and tdev == "cpu":
         _pick_torch_threads(report, tr, tmodel, tr.to_torch(_images(batch_sizes[0], seed)),
                             kw, torch_threads, log)
@@ -533,7 +638,11 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
 
 
 def _images(n, seed):
-    """n smooth-ish test images in the pre-processed range (z-scored, clipped to +-1.5)."""
+    """n timed images in the pre-processed range (z-scored, clipped to +-1.5).
+
+    Random, so the timing does not depend on data files; the agreement check uses real
+    pre-processed slices instead (`agreement_inputs`).
+    """
     x = jax.random.normal(jax.random.key(seed + 1), (n, 64, 64, 1)) * 0.7
     return jnp.clip(x, -1.5, 1.5)
 

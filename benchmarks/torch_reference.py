@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+COMBI_GROUP = 64  # as jaxvae.predictors.COMBI_GROUP: the reference code's loader batch
 GRAD_MAP_VARIANTS = ("naive", "retain_graph", "fwd1_bwd2", "batched_vjp")
 
 
@@ -107,6 +108,7 @@ def rec_nll(x, x_hat):
 
 
 def kl_divergence(mu, log_sigma):
+    """Per-image KL(N(mu, exp(log_sigma)**2) || N(0, I)), the correct closed form."""
     return 0.5 * (mu**2 + torch.exp(2 * log_sigma) - 1 - 2 * log_sigma).sum(1)
 
 
@@ -178,8 +180,24 @@ def grad_maps(model, x, beta=1.0, sigma=3.0, variant="fwd1_bwd2") -> dict:
             (("rec_grad", g_rec), ("kl_grad", g_kl), ("elbo_grad", g_elbo))}
 
 
-def predictor(model, x, name, beta=1.0, sigma=3.0):
-    """One anomaly map alone, the way jaxvae.anomaly_maps(predictors=[name]) computes it."""
+def minmax_groups(a, group=COMBI_GROUP):
+    """Min-max normalise (N, ...) maps over consecutive groups of `group` images (the last
+    may be shorter); group <= 0 normalises over the whole batch (jaxvae's _minmax_groups)."""
+    if group <= 0 or group >= a.shape[0]:
+        group = a.shape[0]
+    out = []
+    for g in a.split(group):
+        lo, hi = g.min(), g.max()
+        out.append((g - lo) / (hi - lo).clamp_min(torch.finfo(a.dtype).tiny))
+    return torch.cat(out)
+
+
+def predictor(model, x, name, beta=1.0, sigma=3.0, combi_group=COMBI_GROUP):
+    """One anomaly map alone, the way jaxvae.anomaly_maps(predictors=[name]) computes it.
+
+    combi_group: combi min-max normalises |kl_grad| over consecutive groups of this many
+    images (0 = the whole batch), as anomaly_maps(combi_group=...).
+    """
     if name == "rec_error":
         with torch.no_grad():
             return ((x - model.decode(model.encode(x)[0])) ** 2)[:, 0]
@@ -195,8 +213,7 @@ def predictor(model, x, name, beta=1.0, sigma=3.0):
         g_kl = _grad(kl_divergence(mu, ls).sum(), x).abs()
         with torch.no_grad():
             nll = rec_nll(x, model.decode(mu))
-            g_kl = (g_kl - g_kl.min()) / (g_kl.max() - g_kl.min()).clamp_min(1e-38)
-            return (smooth(g_kl, sigma) * nll)[:, 0]
+            return (smooth(minmax_groups(g_kl, combi_group), sigma) * nll)[:, 0]
     else:
         raise ValueError(f"unknown predictor {name!r}")
     return smooth(g.abs(), sigma)[:, 0]

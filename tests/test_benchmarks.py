@@ -201,3 +201,104 @@ def test_torch_rows_and_ratios(torch_ref):
     fused = next(r for r in report["rows"] if r["framework"] == "torch"
                  and r["op"] == "grad_maps_fused")
     assert fused["variant"] in harness.FUSED_TORCH_VARIANTS
+    # the check before timing ran on pre-processed slices (and says which), not random images
+    assert "phantom" in report["agreement_inputs"]
+    assert any(k.startswith("phantom/grad_maps[") for k in report["agreement"])
+
+
+# ---- agreement on realistic slices: exact-zero background (issue #16) ------------------------
+
+CHECKED = (*jaxvae.PREDICTORS, "projection")
+AGREE_KW = dict(beta=1.0, sigma=3.0, steps=20, lam=1.0, lr=0.03)
+
+
+@pytest.fixture(scope="module")
+def slice_model():
+    """A latent-16 ConvVAE after 10 Adam steps on phantom slices (maps not degenerate)."""
+    model = jaxvae.ConvVAE(latent_dim=16)
+    params = jaxvae.init_params(model, jax.random.key(0))
+    init, step = harness.make_jax_train_step(model, lr=1e-3)
+    step, state = jax.jit(step), init(params)
+    x = jnp.asarray(harness._phantom_slices(0)[..., None])
+    for i in range(10):
+        params, state, _ = step(params, state, x, jax.random.key(1), i)
+    return model, params
+
+
+@pytest.fixture(scope="module")
+def phantom_x():
+    x = harness.agreement_inputs(8, shared_data=None, log=lambda *_: None)["phantom"][0]
+    return np.asarray(x)
+
+
+def _torch_model(model, params):
+    pytest.importorskip("torch", reason="torch is not installed (the `bench` extra)")
+    from benchmarks import torch_reference as tr
+    return tr, tr.from_flax(model, params).eval().requires_grad_(False)
+
+
+def test_agreement_inputs_are_preprocessed_brain_slices(phantom_x, tmp_path):
+    logged = []
+    inputs = harness.agreement_inputs(8, shared_data=tmp_path, log=logged.append)
+    assert set(inputs) == {"phantom"} and "no real slices" in logged[0]
+    assert phantom_x.shape == (8, 64, 64, 1) and phantom_x.dtype == np.float32
+    background = (phantom_x == 0).mean(axis=(1, 2, 3))
+    assert np.all(background > 0.3) and np.all(background < 0.8)  # background and brain
+    assert np.abs(phantom_x).max() == pytest.approx(1.5)  # z-scored, clipped
+
+
+def test_jax_maps_equal_torch_reference_on_phantom_slices(slice_model, phantom_x):
+    model, params = slice_model
+    tr, tmodel = _torch_model(model, params)
+    maps = jaxvae.anomaly_maps(model, params, phantom_x)
+    bg = phantom_x[..., 0] == 0
+    for k in jaxvae.PREDICTORS:  # non-degenerate: signal on brain and background alike
+        assert float(maps[k][~bg].max()) > 0, k
+    assert float(maps["kl_grad"][bg].max()) > 0.1 * float(maps["kl_grad"].max())
+    errs = harness.check_agreement(model, params, tr, tmodel, phantom_x, ops=CHECKED,
+                                   **AGREE_KW)
+    assert set(CHECKED) <= set(errs) and max(errs.values()) <= 1e-4, errs
+
+
+def test_phantom_agreement_catches_the_old_activation(slice_model, phantom_x, monkeypatch):
+    """flax's leaky_relu (derivative 1 at 0) passed on random images; it must fail here."""
+    import flax.linen
+    model, params = slice_model
+    tr, tmodel = _torch_model(model, params)
+    kw = dict(AGREE_KW, steps=2)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(jaxvae.model, "_leaky", lambda h: flax.linen.leaky_relu(h, 0.01))
+            jax.clear_caches()  # the compiled maps hold the activation they were traced with
+            errs = harness.check_agreement(model, params, tr, tmodel, phantom_x,
+                                           ops=jaxvae.PREDICTORS, tol=np.inf, **kw)
+            with pytest.raises(harness.AgreementError, match="kl_grad"):
+                harness.check_agreement(model, params, tr, tmodel, phantom_x,
+                                        ops=("kl_grad",), **kw)
+    finally:
+        jax.clear_caches()
+    assert errs["kl_grad"] > 1e-2, errs
+    assert errs["rec_error"] <= 1e-4  # forward pass alike: only derivatives at 0 differ
+
+
+def test_jax_maps_equal_torch_reference_on_real_slices(slice_model, shared_data):
+    model, params = slice_model
+    tr, tmodel = _torch_model(model, params)
+    inputs = harness.agreement_inputs(4, shared_data=shared_data, log=lambda *_: None)
+    assert "real" in inputs and "brats2018_flair/" in inputs["real"][1]
+    x = np.asarray(inputs["real"][0])
+    assert np.all((x == 0).mean(axis=(1, 2, 3)) > 0.3)
+    errs = harness.check_agreement(model, params, tr, tmodel, {"real": x}, ops=CHECKED,
+                                   **AGREE_KW)
+    assert {f"real/{k}" for k in CHECKED} <= set(errs) and max(errs.values()) <= 1e-4, errs
+
+
+@pytest.mark.parametrize(("n", "group"), [(5, 2), (5, 0), (70, 64)])
+def test_torch_combi_normalises_per_group_as_jax(slice_model, phantom_x, n, group):
+    model, params = slice_model
+    tr, tmodel = _torch_model(model, params)
+    x = np.concatenate([phantom_x] * -(-n // len(phantom_x)))[:n]
+    x = x * np.linspace(0.2, 1.0, n, dtype=np.float32)[:, None, None, None]  # unequal groups
+    ref = jaxvae.anomaly_maps(model, params, x, predictors=["combi"], combi_group=group)
+    kw = {} if group == tr.COMBI_GROUP else {"combi_group": group}
+    _scale_close(tr.predictor(tmodel, tr.to_torch(x), "combi", **kw), ref["combi"])

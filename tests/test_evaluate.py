@@ -3,6 +3,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 
 import jaxvae
 from jaxvae.data.datasets import SliceSet
@@ -43,10 +44,12 @@ def test_batched_maps_equal_one_call(model_params):
     maps = compute_maps(model, params, images, beta=2.0, settings=settings)
     ref = jaxvae.anomaly_maps(model, params, images[..., None], beta=2.0,
                               predictors=preds[:4])
-    for name in preds[:4]:
-        np.testing.assert_allclose(maps[name], ref[name], rtol=2e-4, atol=1e-6, err_msg=name)
-    _, proj = jaxvae.project(model, params, images[..., None], steps=3)
-    np.testing.assert_allclose(maps["proj_rec_error"], proj, rtol=2e-4, atol=1e-6)
+    _, ref["proj_rec_error"] = jaxvae.project(model, params, images[..., None], steps=3)
+    for name in preds:
+        # float32 maps of other batch shapes; the atol (1e-4 of the map's maximum: input
+        # gradients carry ~1e-6 of it as rounding) covers entries near zero
+        np.testing.assert_allclose(maps[name], ref[name], rtol=1e-4,
+                                   atol=1e-4 * np.abs(ref[name]).max(), err_msg=name)
 
 
 def test_score_maps_rows_baseline_and_ensemble_split(model_params):
@@ -75,6 +78,22 @@ def test_postprocess_zeroes_outside_eroded_brain():
     maps = np.ones((1, 32, 32), np.float32)
     out = postprocess_maps(maps, brain, erode=3, median=3)
     assert out[0, 16, 16] == 1.0 and out[0, 5, 16] == 0.0 and out[0, 0, 0] == 0.0
+
+
+def test_postprocess_defaults_equal_scipy_slice_by_slice():
+    # a map with structure in every direction, and brains of different sizes per slice: a 3D
+    # median or erosion, a wrong size or a skipped step all change the result
+    rng = np.random.default_rng(3)
+    maps = (rng.random((4, 40, 40)) + np.linspace(0, 2, 40)[:, None]).astype(np.float32)
+    yy, xx = np.mgrid[:40, :40]
+    brain = np.stack([(yy - 20) ** 2 + (xx - 19) ** 2 < r**2 for r in (8, 17, 14, 11)])
+    got = postprocess_maps(maps, brain)  # the defaults: erode 3, median 5
+    cross = ndi.generate_binary_structure(2, 1)
+    want = [ndi.median_filter(m * ndi.binary_erosion(b, cross, iterations=3), size=5)
+            for m, b in zip(maps, brain, strict=True)]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.stack(want))  # selections and products: exact
+    assert not np.array_equal(got, maps * brain)  # the filter changes a non-constant map
 
 
 def test_write_results_is_atomic_and_refuses_overwrite(tmp_path):

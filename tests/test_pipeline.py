@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
@@ -74,3 +75,41 @@ def test_score_volume_writes_maps_on_the_input_grid(tmp_path):
         assert data.max() > 0
     with pytest.raises(OutputError, match="already exists"):
         pipeline.score_volume(model, params, path, tmp_path / "out", settings=settings)
+
+
+def test_score_volume_puts_every_voxel_back_in_place(tmp_path):
+    # In-plane 64 x 64, so the resampling to the model's 64 x 64 and back is the identity, and a
+    # model with all parameters 0 reconstructs 0, so rec_error is z**2 voxel by voxel (z: the
+    # input's clipped z-score). A flip, transposition or shift anywhere on the way shows. The
+    # volume is stored with its axial axis first, so the way back must undo a permutation.
+    phantom.write_brats(tmp_path / "d", n_healthy=1, n_lesion=0, shape=(64, 64, 24),
+                        spacing=(3, 3, 3), modalities=("t2",))
+    src = nib.load(tmp_path / "d" / "phantom_healthy_000" / "phantom_healthy_000_t2.nii.gz")
+    data = np.asarray(src.dataobj, np.float32).transpose(2, 0, 1)  # (Z, X, Y) on disk
+    affine = src.affine[:, [2, 0, 1, 3]]
+    path = tmp_path / "zxy.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+    model = jaxvae.ConvVAE(latent_dim=8)
+    params = jax.tree.map(jnp.zeros_like, jaxvae.init_params(model, jax.random.key(0)))
+    [out] = pipeline.score_volume(model, params, path, tmp_path / "out",
+                                  settings=EvalSettings(predictors=("rec_error",)))
+    img = nib.load(out)
+    got = img.get_fdata()
+    assert got.shape == data.shape
+    np.testing.assert_array_equal(img.affine, affine)
+
+    brain = data != 0
+    values = data[brain].astype(np.float64)
+    z = np.zeros(data.shape, np.float32)
+    z[brain] = (values - values.mean()) / values.std()
+    want = np.square(np.clip(z, -1.5, 1.5))
+    # the kept slices: the brain's axial extent minus 1/8 at each end, >= 64 brain pixels
+    axial = np.flatnonzero(brain.any(axis=(1, 2)))
+    drop = int(0.125 * (axial[-1] - axial[0] + 1))
+    kept = np.zeros(len(data), bool)
+    kept[axial[0] + drop:axial[-1] - drop + 1] = True
+    kept &= brain.sum(axis=(1, 2)) >= 64
+    assert 10 <= kept.sum() < len(kept)
+    assert not got[~kept].any()
+    # z is rounded to float32 from float64 sums taken in another order: a few ulps apart
+    np.testing.assert_allclose(got[kept], want[kept], rtol=1e-6, atol=1e-6 * want.max())

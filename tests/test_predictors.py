@@ -1,19 +1,36 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxvae
-from jaxvae import losses
-from jaxvae.predictors import _anomaly_maps, gaussian_matrix, smooth
+from jaxvae import execution, losses, score
+from jaxvae.predictors import GRADIENT_MAPS, _anomaly_maps, gaussian_matrix, smooth
 
 BETA = 0.7
+
+
+def assert_maps_close(actual, desired, name=""):
+    """Float32 maps from two programs (other fusion / summation order): rtol 1e-4 for the bulk,
+    and an atol scaled to the map for entries near zero, where cancellation leaves only an
+    absolute error: 1e-5 * max|desired| (~100 float32 ulps of the largest value) for
+    rec_error and combi; 1e-4 for the input gradients, sums of many products through the
+    network whose error follows the size of the terms, not of the result (measured ~1e-6 of
+    the map's maximum; kl_grad's cotangent exp(2 log_sigma) - 1 cancels as well)."""
+    desired = np.asarray(desired)
+    atol = (1e-4 if name in GRADIENT_MAPS else 1e-5) * np.abs(desired).max()
+    np.testing.assert_allclose(actual, desired, rtol=1e-4, atol=atol, err_msg=name)
 
 
 @pytest.fixture(scope="module")
 def setup():
     model = jaxvae.ConvVAE(latent_dim=16)
     params = jaxvae.init_params(model, jax.random.key(0))
+    # at init the decoder outputs ~1e-3, so x - x_hat would be x whatever the model does; a
+    # larger last layer makes x_hat O(1) like x, and every map depend on the network
+    params["dec_convs_3"] = {"kernel": params["dec_convs_3"]["kernel"] * 300}
     x = jax.random.normal(jax.random.key(1), (3, 64, 64, 1)) * 0.5
     return model, params, x
 
@@ -38,7 +55,7 @@ def test_gradient_maps_equal_plain_jax_grad(setup):
     maps = jaxvae.anomaly_maps(model, params, x, beta=BETA, smooth_sigma=0.0)
     ref = _obvious(model, params, x, BETA)
     for name in ref:
-        np.testing.assert_allclose(maps[name], ref[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        assert_maps_close(maps[name], ref[name], name)
 
 
 def test_gradient_maps_match_finite_differences(setup):
@@ -72,18 +89,20 @@ def test_batch_sum_gradient_is_per_image_gradient(setup):
         model, params, xi[None], smooth_sigma=0.0,
         predictors=["rec_error", "rec_grad", "kl_grad", "elbo_grad"]))(x)
     for name, m in single.items():
-        np.testing.assert_allclose(batched[name], m[:, 0], rtol=1e-4, atol=1e-6, err_msg=name)
+        assert_maps_close(batched[name], m[:, 0], name)
 
 
 def test_elbo_grad_is_abs_of_signed_sum_not_sum_of_maps(setup):
     model, params, x = setup
     maps = jaxvae.anomaly_maps(model, params, x, beta=BETA, smooth_sigma=0.0)
     # |a + b| <= |a| + |b|, with strict inequality where the signs differ
-    bound = maps["rec_grad"] + BETA * maps["kl_grad"]
-    assert np.all(maps["elbo_grad"] <= bound + 1e-5)
-    assert np.any(maps["elbo_grad"] < bound - 1e-4)
+    bound = np.asarray(maps["rec_grad"] + BETA * maps["kl_grad"])
+    ulps = 8 * np.finfo(np.float32).eps * bound.max()  # both sides round the same |g| values
+    assert np.all(maps["elbo_grad"] <= bound + ulps)
+    assert np.any(maps["elbo_grad"] < bound - 1e-4 * bound.max())
     only_rec = jaxvae.anomaly_maps(model, params, x, beta=0.0, smooth_sigma=0.0)
-    np.testing.assert_allclose(only_rec["elbo_grad"], only_rec["rec_grad"], rtol=1e-6)
+    # g_rec + 0 * g_kl is g_rec exactly: the same numbers, not merely close ones
+    np.testing.assert_array_equal(only_rec["elbo_grad"], only_rec["rec_grad"])
 
 
 def test_rec_error_and_combi_definitions(setup):
@@ -91,12 +110,13 @@ def test_rec_error_and_combi_definitions(setup):
     maps = jaxvae.anomaly_maps(model, params, x, smooth_sigma=2.0)
     mu, _ = jaxvae.encode(model, params, x)
     x_hat = jaxvae.decode(model, params, mu)
-    np.testing.assert_allclose(maps["rec_error"], ((x - x_hat) ** 2)[..., 0], rtol=1e-5)
+    # squared errors reach ~1e-8, where the two programs' float32 x_hat differ relatively
+    assert_maps_close(maps["rec_error"], ((x - x_hat) ** 2)[..., 0])
     raw = jaxvae.anomaly_maps(model, params, x, smooth_sigma=0.0, predictors=["kl_grad"])
     kl = raw["kl_grad"]
-    norm = (kl - kl.min()) / (kl.max() - kl.min())  # min-max over the whole batch
+    norm = (kl - kl.min()) / (kl.max() - kl.min())  # min-max over the batch (one combi group)
     nll = losses.rec_nll(x, x_hat)[..., 0]
-    np.testing.assert_allclose(maps["combi"], smooth(norm, 2.0) * nll, rtol=1e-4, atol=1e-6)
+    assert_maps_close(maps["combi"], smooth(norm, 2.0) * nll)
 
 
 def test_smoothing_is_a_normalised_gaussian_and_can_be_switched_off(setup):
@@ -111,7 +131,7 @@ def test_smoothing_is_a_normalised_gaussian_and_can_be_switched_off(setup):
     assert blurred[32, 32] == blurred.max() and blurred[32, 36] == 0.0
     on = jaxvae.anomaly_maps(model, params, x, smooth_sigma=3.0, predictors=["rec_grad"])
     off = jaxvae.anomaly_maps(model, params, x, smooth_sigma=0.0, predictors=["rec_grad"])
-    np.testing.assert_allclose(on["rec_grad"], smooth(off["rec_grad"], 3.0), rtol=1e-4, atol=1e-7)
+    assert_maps_close(on["rec_grad"], smooth(off["rec_grad"], 3.0), "rec_grad")
     assert not np.allclose(on["rec_grad"], off["rec_grad"])
 
 
@@ -136,8 +156,7 @@ def test_monte_carlo_rec_grad_uses_reparameterised_samples(setup):
         z = mu + jnp.exp(ls) * jax.random.normal(key, (1,) + mu.shape)[0]
         return 0.5 * jnp.sum((x - jaxvae.decode(model, params, z)) ** 2)
 
-    np.testing.assert_allclose(maps["rec_grad"], jnp.abs(jax.grad(rec)(x))[..., 0],
-                               rtol=1e-4, atol=1e-6)
+    assert_maps_close(maps["rec_grad"], jnp.abs(jax.grad(rec)(x))[..., 0], "rec_grad")
     again = jaxvae.anomaly_maps(model, params, x, n_samples=1, key=key, smooth_sigma=0.0,
                                 predictors=["rec_grad"])
     np.testing.assert_array_equal(maps["rec_grad"], again["rec_grad"])
@@ -155,14 +174,16 @@ def test_compiled_once_per_shape(setup):
 def test_large_batches_are_cut_into_chunks_with_the_same_maps(setup):
     model, params, x = setup
     xs = jnp.concatenate([x, x[::-1] * 0.5])  # 6 images
-    whole = jaxvae.anomaly_maps(model, params, xs, beta=BETA, chunk_size=0)
+    whole = jaxvae.anomaly_maps(model, params, xs, beta=BETA, combi_group=2)
     before = _anomaly_maps._cache_size()
-    chunked = jaxvae.anomaly_maps(model, params, xs, beta=BETA, chunk_size=4)  # 4 + 2
+    chunks = dataclasses.replace(execution.PLAIN, chunk_size=4)  # 4 + 2, combi groups of 2
+    chunked = score.maps(model, params, xs, policy=chunks, beta=BETA, combi_group=2)
     assert _anomaly_maps._cache_size() == before + 2  # two new shapes: 4 and 2 images
     for k in whole:
         assert chunked[k].shape == (6, 64, 64)
-        np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-5, atol=1e-7, err_msg=k)
+        assert_maps_close(chunked[k], whole[k], k)
     # Monte-Carlo draws differ per chunk (fold_in), not repeated chunk after chunk
-    mc = jaxvae.anomaly_maps(model, params, jnp.concatenate([x[:2]] * 2), n_samples=1,
-                             key=jax.random.key(3), chunk_size=2, predictors=["rec_grad"])
+    mc = score.maps(model, params, jnp.concatenate([x[:2]] * 2), n_samples=1,
+                    key=jax.random.key(3), policy=dataclasses.replace(chunks, chunk_size=2),
+                    predictors=["rec_grad"])
     assert not np.allclose(mc["rec_grad"][:2], mc["rec_grad"][2:])

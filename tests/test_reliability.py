@@ -158,6 +158,11 @@ def singular_affine(path: Path) -> None:
     path.write_bytes(raw)
 
 
+def four_volumes() -> np.ndarray:
+    """A 4D image of two volumes whose contents differ even z-scored (noise, a lesion)."""
+    return np.stack([brain(), brain(seed=1, lesion=True)], axis=-1)
+
+
 def make_volume(kind: str, path: Path) -> None:
     """Write one kind of bad volume at `path` (nothing for 'missing')."""
     good = brain()
@@ -177,7 +182,7 @@ def make_volume(kind: str, path: Path) -> None:
     elif kind == "5d":
         save(path, np.broadcast_to(good[..., None, None], (*SHAPE, 2, 2)))
     elif kind == "4d_many":
-        save(path, np.stack([good, 2 * good], axis=-1))
+        save(path, four_volumes())
     elif kind in ("nan", "inf"):
         good[24, 24, 16] = np.nan if kind == "nan" else np.inf
         save(path, good)
@@ -238,11 +243,23 @@ def test_bad_volume_refused_with_one_line(tiny_run, tmp_path, capsys, verb, kind
 def test_4d_volume_index_selects_one_volume(tiny_run, tmp_path, capsys):
     path = tmp_path / "four.nii.gz"
     make_volume("4d_many", path)
-    rc = main(verb_args("score", path, tmp_path / "out", tiny_run) + ["--volume-index", "1"])
-    assert rc == 0, capsys.readouterr().err
-    img = nib.load(tmp_path / "out" / "four_rec_error.nii.gz")
-    assert img.shape == SHAPE
-    np.testing.assert_allclose(img.affine, AFFINE)
+    save(tmp_path / "one.nii.gz", four_volumes()[..., 1])  # volume 1 alone, as a 3D file
+    maps = {}
+    runs = {"four0": (path, ["--volume-index", "0"]), "four1": (path, ["--volume-index", "1"]),
+            "one": (tmp_path / "one.nii.gz", [])}
+    for name, (src, extra) in runs.items():
+        out = tmp_path / name
+        rc = main(verb_args("score", src, out, tiny_run) + extra)
+        assert rc == 0, capsys.readouterr().err
+        img = nib.load(next(out.glob("*_rec_error.nii.gz")))
+        assert img.shape == SHAPE
+        np.testing.assert_allclose(img.affine, AFFINE)
+        maps[name] = img.get_fdata()
+    # index 1 is volume 1: the same input values through the same program as the 3D file
+    ref = maps["one"]
+    np.testing.assert_allclose(maps["four1"], ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    # ... and not volume 0, whose map differs well beyond any rounding
+    assert np.abs(maps["four0"] - ref).max() > 0.1 * np.abs(ref).max()
     rc = main(verb_args("score", path, tmp_path / "o2", tiny_run) + ["--volume-index", "2"])
     assert_refused(rc, capsys.readouterr().err, "score", "four.nii.gz", "out of range")
     assert not (tmp_path / "o2").exists()

@@ -68,6 +68,11 @@ def policy_for(backend: str) -> ExecutionPolicy:
     return CPU if backend == "cpu" else ACCELERATOR
 
 
+def backend() -> str:
+    """The default backend of this process ("cpu", "gpu", "tpu")."""
+    return jax.default_backend()
+
+
 def current() -> ExecutionPolicy:
     """The policy of the default backend of this process."""
-    return policy_for(jax.default_backend())
+    return policy_for(backend())

@@ -1,8 +1,6 @@
 """Benchmark harness and PyTorch reference: structure and agreement, never timings."""
 
 import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +8,8 @@ import numpy as np
 import pytest
 
 import jaxvae
+from jaxvae.bench import harness
 from jaxvae.predictors import GRADIENT_MAPS
-
-# benchmarks/ is a top-level folder beside the package, not installed with it
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import harness, variants  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,54 +57,9 @@ def test_runs_jax_only_with_a_note_when_torch_is_absent(monkeypatch):
     assert "PyTorch not installed" in report["notes"][0] and "Note:" in report["markdown"]
 
 
-@pytest.mark.slow
-def test_chunk_comparison_times_every_size_below_the_batch():
-    res = variants.compare_chunks(40, 1, log=lambda *_: None)
-    assert set(res) == {"maps[chunk=0]", "maps[chunk=32]", "train[micro=0]",
-                        "train[micro=16]", "train[micro=32]"}
-    assert all(v["images_per_s"] > 0 for v in res.values())
-
-
 def test_unknown_op_is_refused():
     with pytest.raises(ValueError, match="unknown op"):
         harness.run(ops=("nope",), frameworks=("jax",))
-
-
-@pytest.mark.parametrize("conv", list(variants.CONVS))
-def test_encoder_conv_variants_are_exact(setup, conv):
-    model, params, x = setup
-    enc, _ = variants.make_model(model, conv=conv)
-    ref = jaxvae.encode(model, params, x)
-    for a, b in zip(ref, enc(params, x), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
-
-
-@pytest.mark.parametrize("tconv", list(variants.TCONVS))
-def test_decoder_tconv_variants_are_exact(setup, tconv):
-    model, params, x = setup
-    _, dec = variants.make_model(model, tconv=tconv)
-    z = jaxvae.encode(model, params, x)[0]
-    ref = jaxvae.decode(model, params, z)
-    np.testing.assert_allclose(dec(params, z), ref, atol=1e-5 * float(jnp.abs(ref).max()))
-
-
-@pytest.mark.parametrize("mode", ["vmap", "separate", "concat"])
-def test_fused_variant_maps_equal_library_maps(setup, mode):
-    model, params, x = setup
-    ref = jaxvae.anomaly_maps(model, params, x, beta=0.5, predictors=GRADIENT_MAPS)
-    f = variants.fused_grad_maps(*variants.make_model(model, conv="s2d"), beta=0.5, enc_vjp=mode)
-    got = jax.jit(f)(params, x)
-    for k in GRADIENT_MAPS:
-        np.testing.assert_allclose(got[k], ref[k], atol=1e-5 * float(ref[k].max()), err_msg=k)
-
-
-@pytest.mark.parametrize("chunk", [1, 2])
-def test_chunked_projection_equals_library_projection(setup, chunk):
-    model, params, x = setup
-    ref = jaxvae.project(model, params, x, steps=3)[1]
-    run = variants.chunked_projection(*variants.make_model(model, tconv="s2d_t"), steps=3,
-                                      chunk=chunk)
-    np.testing.assert_allclose(run(params, x), ref, atol=1e-5 * float(ref.max()))
 
 
 # ---- the PyTorch reference (optional dependency) --------------------------------------------
@@ -117,7 +67,7 @@ def test_chunked_projection_equals_library_projection(setup, chunk):
 @pytest.fixture(scope="module")
 def torch_ref(setup):
     torch = pytest.importorskip("torch", reason="torch is not installed (the `bench` extra)")
-    from benchmarks import torch_reference as tr
+    from jaxvae.bench import torch_reference as tr
     model, params, _ = setup
     return torch, tr, tr.from_flax(model, params).eval().requires_grad_(False)
 
@@ -233,7 +183,7 @@ def phantom_x():
 
 def _torch_model(model, params):
     pytest.importorskip("torch", reason="torch is not installed (the `bench` extra)")
-    from benchmarks import torch_reference as tr
+    from jaxvae.bench import torch_reference as tr
     return tr, tr.from_flax(model, params).eval().requires_grad_(False)
 
 

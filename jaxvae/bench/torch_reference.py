@@ -3,7 +3,7 @@
 Written the way a PyTorch user would (nn.Module, autograd, torch.optim.Adam) and loaded
 with the *same* weights as the Flax model (`from_flax`), so the benchmark harness can
 check that both frameworks compute the same maps before it times them. torch is imported
-by the caller: `import benchmarks.torch_reference` fails with ImportError where torch is
+by the caller: `import jaxvae.bench.torch_reference` fails with ImportError where torch is
 absent, and the harness then runs JAX-only.
 
 Layouts: torch images are NCHW; Flax images are NHWC. Conversions (tested in

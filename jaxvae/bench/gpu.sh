@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# JAX vs PyTorch throughput on an NVIDIA GPU, batch 64/256/1024: benchmarks/gpu.sh OUT_DIR
+# JAX vs PyTorch throughput on an NVIDIA GPU, batch 64/256/1024: jaxvae/bench/gpu.sh OUT_DIR
 # Makes a venv (default .venv-gpu; VENV=... to change) with the CUDA builds of jax and
 # torch plus this project, then writes OUT_DIR/bench_gpu.json and .md, and the JAX-only
 # bench_gpu_s2d.json / .md with the CPU's convolution form. A few minutes.
 set -euo pipefail
-OUT=${1:?usage: benchmarks/gpu.sh OUT_DIR}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${1:?usage: jaxvae/bench/gpu.sh OUT_DIR}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 VENV=${VENV:-$ROOT/.venv-gpu}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
   || { echo "gpu.sh: nvidia-smi failed: this script needs an NVIDIA GPU and driver" >&2; exit 1; }
@@ -26,9 +26,9 @@ assert torch.cuda.is_available(), "torch sees no GPU (a CPU-only wheel?)"
 print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__,
       torch.cuda.get_device_name(0))
 PY
-"$VENV/bin/python" -m benchmarks.harness --batch-sizes 64 256 1024 --repeats 10 \
+"$VENV/bin/python" -m jaxvae.bench.harness --batch-sizes 64 256 1024 --repeats 10 \
   --out "$OUT/bench_gpu.json" --md "$OUT/bench_gpu.md"
 # the CPU's space-to-depth convolutions on the GPU, JAX only: is "auto" = lax right there?
-"$VENV/bin/python" -m benchmarks.harness --batch-sizes 64 256 1024 --repeats 10 \
+"$VENV/bin/python" -m jaxvae.bench.harness --batch-sizes 64 256 1024 --repeats 10 \
   --frameworks jax --conv-impl s2d --ops grad_maps_fused projection train_step \
   --projection-steps 20 --out "$OUT/bench_gpu_s2d.json" --md "$OUT/bench_gpu_s2d.md"

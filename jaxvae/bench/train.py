@@ -6,8 +6,8 @@ the median over repeats of a block of steps, timed up to `block_until_ready`. Tw
   loop:   what `train` does per step besides the step: gather the rows on the host, build
           the sharded batch, replicate the step key.
 
-    python benchmarks/bench_train.py --out bench_train.json
-    python benchmarks/bench_train.py --batch-sizes 64 --steps 5 --repeats 3 --no-augment
+    python -m jaxvae.bench.train --out bench_train.json
+    python -m jaxvae.bench.train --batch-sizes 64 --steps 5 --repeats 3 --no-augment
 
 Writes JSON (--out) and prints a markdown table.
 """
@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from jaxvae import parallel
+from jaxvae import execution, parallel
 from jaxvae.config import TrainConfig
 from jaxvae.io import write_text
 from jaxvae.train import init_state, step_keys, train_step_for
@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
                for b in args.batch_sizes]
     report = {
         "benchmark": "train_step",
-        "env": {"jax": jax.__version__, "backend": jax.default_backend(),
+        "env": {"jax": jax.__version__, "backend": execution.backend(),
                 "devices": [str(d) for d in jax.devices()],
                 "device_kind": jax.devices()[0].device_kind,
                 "cpu_count": os.cpu_count(), "python": platform.python_version(),

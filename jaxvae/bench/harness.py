@@ -10,7 +10,7 @@ timing the PyTorch reference, loaded with the same weights, must reproduce the J
 pre-processed brain slices with an exact-zero background (phantom slices, plus real BraTS
 slices where ../shared/data exists), not on the random images that are timed.
 
-    python -m benchmarks.harness --out bench.json --md bench.md
+    python -m jaxvae.bench.harness --out bench.json --md bench.md
 
 FLOPs are counted analytically from the architecture (useful multiply-adds only: no work
 on the zeros of a dilated input), so GFLOP/s of both frameworks and of fused vs naive are
@@ -20,6 +20,7 @@ it where the program is compiled ahead of time. "% peak" is relative to a large 
 """
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -38,10 +39,10 @@ import numpy as np
 import optax
 
 import jaxvae
-from jaxvae import losses
+from jaxvae import execution, losses, score
+from jaxvae.convs import CONV_IMPLS
 from jaxvae.errors import DataError
 from jaxvae.io import write_text
-from jaxvae.model import CONV_IMPLS
 from jaxvae.predictors import GRADIENT_MAPS, smooth
 
 OPS = ("grad_maps_fused", "grad_maps_naive", "rec_error", "rec_grad", "kl_grad", "elbo_grad",
@@ -206,7 +207,7 @@ def _aot(fn, *args):
 
 def peak_matmul_gflops(n: int | None = None, repeats: int = 5) -> float:
     """float32 GFLOP/s of a large jnp.dot on the default device (median of repeats)."""
-    n = n or (8192 if jax.default_backend() == "gpu" else 2048)
+    n = n or (8192 if execution.backend() == "gpu" else 2048)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f, _, _ = _aot(jnp.dot, a, b)
@@ -237,18 +238,20 @@ def _naive_grad_fns(model, beta, sigma):
     return {"rec_grad": as_map(rec), "kl_grad": as_map(kl), "elbo_grad": as_map(elbo)}
 
 
-def _library_train_step(model, beta):
-    """jaxvae.train.make_train_step(model, lr=1e-4, beta), without augmentation."""
+def _library_train_step(model, beta, policy):
+    """jaxvae.train.make_train_step(model, lr=1e-4, beta) as the trainer runs it under
+    `policy` (its convolution form and micro-batches), without augmentation."""
     from jaxvae.train import make_train_step
 
-    return make_train_step(model, lr=1e-4, beta=float(beta), augment=None)
+    return make_train_step(policy.training_model(model), lr=1e-4, beta=float(beta),
+                           augment=None, micro_batch=policy.micro_batch)
 
 
 def make_jax_train_step(model, beta=1.0, lr=1e-4):
     """(init(params) -> opt_state, step(params, opt_state, x, key, i) -> (params, state, loss)).
 
     The plain optax beta-ELBO Adam step (batch mean, reparameterised z with key
-    fold_in(key, i)): the baseline `benchmarks.variants` compares conv formulations against.
+    fold_in(key, i)).
     """
     opt = optax.adam(lr)
 
@@ -265,15 +268,17 @@ def make_jax_train_step(model, beta=1.0, lr=1e-4):
     return opt.init, step
 
 
-def jax_case(op, model, params, x, *, beta, sigma, steps, lam, lr) -> Case:
-    """Compile one JAX op ahead of time for a batch x and return its Case."""
+def jax_case(op, model, params, x, *, beta, sigma, steps, lam, lr, policy=None) -> Case:
+    """One JAX op on a batch x as its Case, run under the execution `policy` (default:
+    execution.current())."""
+    policy = execution.current() if policy is None else policy
     if op == "grad_maps_naive":
         stages = [_aot(f, params, x) for f in _naive_grad_fns(model, beta, sigma).values()]
         return Case(lambda: _block([c(params, x) for c, _, _ in stages]),
                     sum(s[1] for s in stages), sum(s[2] or 0.0 for s in stages) or None)
     if op == "train_step":
         key = jax.random.key(42)
-        lib = _library_train_step(model, beta)  # jaxvae.train's own jitted step
+        lib = _library_train_step(model, beta, policy)  # jaxvae.train's own jitted step
         state = {"p": params, "o": optax.adam(1e-4).init(params)}
         c, dt, fl = _aot(lib, state["p"], state["o"], x, key)
 
@@ -282,17 +287,18 @@ def jax_case(op, model, params, x, *, beta, sigma, steps, lam, lr) -> Case:
             _block(metrics)
 
         return Case(call, dt, fl)
-    # the library's entry points, called as users call them: anomaly_maps cuts large batches
-    # into chunks on CPU and project loops over compiled chunks of Adam steps, so neither is
-    # wrapped in another jit; their compile_s is filled in from the first call (see run)
+    # the batcher, called as the scorer calls it: under the policy it may cut large batches
+    # into chunks and loop over compiled programs of Adam steps, so it is not wrapped in
+    # another jit; its compile_s is filled in from the first call (see run)
+    kw = dict(policy=policy, mesh=None)
     if op == "grad_maps_fused":
-        fn = lambda: jaxvae.anomaly_maps(model, params, x, beta=beta, predictors=GRADIENT_MAPS,
-                                         smooth_sigma=sigma)
+        fn = lambda: score.maps(model, params, x, beta=beta, predictors=GRADIENT_MAPS,
+                                smooth_sigma=sigma, **kw)
     elif op in PREDICTOR_OPS:
-        fn = lambda: jaxvae.anomaly_maps(model, params, x, beta=beta, predictors=[op],
-                                         smooth_sigma=sigma)[op]
+        fn = lambda: score.maps(model, params, x, beta=beta, predictors=[op],
+                                smooth_sigma=sigma, **kw)[op]
     elif op == "projection":
-        fn = lambda: jaxvae.project(model, params, x, lam=lam, steps=steps, lr=lr)[1]
+        fn = lambda: score.project(model, params, x, lam=lam, steps=steps, lr=lr, **kw)[1]
     else:
         raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
     return Case(lambda: _block(fn()))
@@ -304,7 +310,7 @@ def _torch():
     try:
         import torch
 
-        from benchmarks import torch_reference
+        from jaxvae.bench import torch_reference
     except ImportError as e:
         return None, None, str(e)
     return torch, torch_reference, None
@@ -350,7 +356,7 @@ def _phantom_slices(seed: int) -> np.ndarray:
 
     The volume is reoriented to RAS as `jaxvae.data.nifti.load_volume` does with the file
     the phantom writer would save (BraTS affine), then goes through `preprocess_volume` with
-    the default `PreprocessParams`, as `jaxvae.pipeline.score_volume` and `load_slices` do.
+    the default `PreprocessParams`, as `jaxvae.score.score_volume` and `load_slices` do.
     """
     from nibabel.orientations import (
         apply_orientation,
@@ -441,7 +447,7 @@ def check_agreement(model, params, tr, tmodel, x=None, *, ops, beta, sigma, step
     if bad:
         raise AgreementError(
             f"PyTorch reference disagrees with JAX beyond {tol:g} of the map scale: {bad}. The "
-            "two frameworks would not time the same work; check benchmarks/torch_reference.py "
+            "two frameworks would not time the same work; check jaxvae/bench/torch_reference.py "
             "(weight conversion, loss definitions, activation derivative at 0).")
     return errs
 
@@ -507,7 +513,7 @@ def _machine(torch) -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__,
-            "flax": flax.__version__, "jax_backend": jax.default_backend(),
+            "flax": flax.__version__, "jax_backend": execution.backend(),
             "jax_devices": [str(d) for d in jax.devices()],
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -535,7 +541,8 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
         and out is given, as OUT with suffix .md); None writes nothing.
       md: path of the markdown table (optional).
       latent_dim, beta, sigma: model size, KL weight, map smoothing.
-      conv_impl: the ConvVAE's convolution form ("auto", "lax", "s2d"; see jaxvae.model).
+      conv_impl: "auto" = the execution policy's convolution forms (execution.current());
+        "lax", "s2d" or "cpu_inference" = that form for training and scoring alike.
       projection_steps, lam, lr: the projection's Adam steps, L1 weight, learning rate.
       check: verify torch maps == JAX maps (1e-4 of the scale) before timing.
       peak_n: size of the square matmul measuring peak GFLOP/s (None: 2048 CPU, 8192 GPU).
@@ -560,10 +567,14 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
         latent_dim=latent_dim, conv_impl=conv_impl, beta=beta, sigma=sigma,
         projection_steps=projection_steps,
         lam=lam, lr=lr, train_step="jaxvae.train.make_train_step (adam 1e-4, no augmentation)",
-        flops="analytic useful FLOPs (benchmarks.harness.op_flops); xla_mflop_per_image is "
+        flops="analytic useful FLOPs (jaxvae.bench.harness.op_flops); xla_mflop_per_image is "
               "XLA cost_analysis of the compiled JAX program",
         precision="framework defaults for timing; agreement checked at full float32")}
-    model = jaxvae.ConvVAE(latent_dim=latent_dim, conv_impl=conv_impl)
+    policy = execution.current()
+    if conv_impl != "auto":
+        policy = dataclasses.replace(policy, train_conv=conv_impl, inference_conv=conv_impl)
+    report["settings"]["policy"] = dataclasses.asdict(policy)
+    model = jaxvae.ConvVAE(latent_dim=latent_dim)  # the plain form; the policy picks its own
     # one compiled init: eager Flax init compiles each initializer separately (~10 s)
     params = jax.jit(jaxvae.init_params, static_argnums=0)(model, jax.random.key(seed))
     macs = model_macs(model)
@@ -592,7 +603,7 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
         for op in ops:
             cases = {}
             if "jax" in fws:
-                cases["jax"] = jax_case(op, model, params, x, **kw)
+                cases["jax"] = jax_case(op, model, params, x, policy=policy, **kw)
             if torch is not None:
                 variant = None
                 if op == "grad_maps_fused":
@@ -721,7 +732,7 @@ def markdown(report) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.harness", description=__doc__
+    p = argparse.ArgumentParser(prog="python -m jaxvae.bench.harness", description=__doc__
                                 .split("\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
@@ -729,8 +740,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--projection-steps", type=int, default=100)
     p.add_argument("--latent-dim", type=int, default=256)
-    p.add_argument("--conv-impl", default="auto", choices=CONV_IMPLS,
-                   help="JAX convolution form (default: auto, see jaxvae.model)")
+    p.add_argument("--conv-impl", default="auto", choices=("auto", *CONV_IMPLS),
+                   help="JAX convolution form (default: auto, the execution policy's forms)")
     p.add_argument("--budget-s", type=float, default=30.0,
                    help="max seconds of timed samples per framework, op and batch (>= 3 kept)")
     p.add_argument("--torch-threads", type=int,

@@ -1,7 +1,7 @@
 """Time loading + pre-processing of one real BraTS case (240x240x155) into 64x64 slices.
 
 Usage (from the repository root):
-  python -m benchmarks.bench_data [CASE_DIR] [--modality t2] [--repeats 5] [--out bench.json]
+  python -m jaxvae.bench.data [CASE_DIR] [--modality t2] [--repeats 5] [--out bench.json]
 
 One warm-up run, then the median over the repeats of each stage (image read, segmentation
 read, pre-processing) and of the whole. Target: < 2 s per case. The gzip decompression inside

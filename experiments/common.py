@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxvae import pipeline
 from jaxvae.checkpoint import load_run
 from jaxvae.config import TrainConfig
+from jaxvae.data import datasets, splits
 from jaxvae.data.datasets import SliceSet
 from jaxvae.evaluate import EvalSettings, compute_maps, row_order, score_maps
 from jaxvae.figures import map_figure
-from jaxvae.io import write_text
-from jaxvae.model import decode, encode
+from jaxvae.io import markdown_table, write_text
+from jaxvae.model import reconstruct
 from jaxvae.train import train
 
 _TABLES = Path(__file__).resolve().parents[1].parent / "shared/reference/paper_tables.json"
@@ -59,11 +59,11 @@ def finish_args(args, name):
 
 def load_folds(args):
     """[(fold, train SliceSet, test SliceSet)] and the dataset description."""
-    slices, desc = pipeline.load_dataset(args.data, args.modality, progress=True)
+    slices, desc = datasets.load_dataset(args.data, args.modality, progress=True)
     folds = []
     for i in range(args.folds):
-        tr, te = pipeline.split(slices, folds=args.folds, fold=i, seed=args.seed)
-        folds.append((i, tr, te, pipeline.split_description(desc, folds=args.folds, fold=i,
+        tr, te = splits.split(slices, folds=args.folds, fold=i, seed=args.seed)
+        folds.append((i, tr, te, splits.split_description(desc, folds=args.folds, fold=i,
                                                             seed=args.seed, train=tr, test=te)))
     return folds
 
@@ -94,7 +94,7 @@ def pooled_setting(args, folds, *, latent_dim, beta, predictors, figure=None, po
         maps.append(compute_maps(model, params, te.images, beta=beta, settings=settings,
                                  progress=True))
         x = te.images[..., None]
-        recons.append(np.asarray(decode(model, params, encode(model, params, x)[0]))[..., 0])
+        recons.append(np.asarray(reconstruct(model, params, x))[..., 0])
         tests.append(te)
     test = SliceSet.concat(tests)
     pooled = {k: np.concatenate([m[k] for m in maps]) for k in maps[0]}
@@ -116,8 +116,7 @@ METRICS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"
 
 def table(rows, paper=None, *, setting_label):
     """Markdown: one row per (setting, predictor); ours beside the paper's AUROC."""
-    head = f"| {setting_label} | predictor | " + " | ".join(m for _, m in METRICS)
-    head += " | paper AUROC |\n|---|---|" + "---|" * (len(METRICS) + 1) + "\n"
+    header = [setting_label, "predictor", *(m for _, m in METRICS), "paper AUROC"]
     lines = []
     for setting, res in rows.items():
         entries = dict(res["predictors"])
@@ -127,9 +126,8 @@ def table(rows, paper=None, *, setting_label):
             vals = ["n/a" if r.get(k) is None or np.isnan(r[k]) else f"{r[k]:.3f}"
                     for k, _ in METRICS]
             label = "intensity (baseline)" if pred == "intensity" else pred
-            lines.append(f"| {setting} | {label} | " + " | ".join(vals)
-                         + f" | {'' if p is None else f'{p:.3f}'} |")
-    return head + "\n".join(lines) + "\n"
+            lines.append([setting, label, *vals, "" if p is None else f"{p:.3f}"])
+    return markdown_table(header, lines)
 
 
 def write_outputs(args, name, rows, md_title, paper=None, *, setting_label, extra=None):

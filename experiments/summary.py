@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jaxvae.evaluate import ROW_ORDER  # noqa: E402
+from jaxvae.io import markdown_table  # noqa: E402
 
 
 def _f(x):
@@ -20,8 +21,7 @@ def _f(x):
 def compact(payload) -> str:
     res, paper = payload["results"], payload.get("paper") or {}
     cols = list(res)
-    lines = ["| predictor | " + " | ".join(f"{s}: AUROC (paper) / AUPRC / Dice" for s in cols)
-             + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = []
     for p in ROW_ORDER:
         cells = []
         for s in cols:
@@ -32,8 +32,9 @@ def compact(payload) -> str:
                          f"{_f(m['dice_best'])}")
         if set(cells) != {"–"}:
             name = "intensity (baseline)" if p == "intensity" else p
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            lines.append([name, *cells])
+    return markdown_table(["predictor", *(f"{s}: AUROC (paper) / AUPRC / Dice" for s in cols)],
+                          lines)
 
 
 if __name__ == "__main__":

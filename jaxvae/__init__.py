@@ -6,7 +6,7 @@ from jaxvae.config import AugmentConfig, TrainConfig, model_from_config
 from jaxvae.errors import ConfigError, DataError, JaxvaeError, OutputError, RunError
 from jaxvae.execution import ExecutionPolicy
 from jaxvae.losses import beta_elbo, kl_divergence, rec_nll, squared_error
-from jaxvae.model import ConvVAE, decode, encode, init_params
+from jaxvae.model import ConvVAE, decode, encode, init_params, reconstruct
 from jaxvae.parallel import initialize_distributed, make_mesh
 from jaxvae.predictors import PREDICTORS, anomaly_maps, smooth
 from jaxvae.projection import project
@@ -41,6 +41,7 @@ __all__ = [
     "kl_divergence",
     "project",
     "rec_nll",
+    "reconstruct",
     "smooth",
     "squared_error",
 ]

@@ -141,9 +141,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args):
-    from jaxvae import pipeline
     from jaxvae.checkpoint import check_run_dir
     from jaxvae.config import AugmentConfig, TrainConfig
+    from jaxvae.data import datasets, splits
     from jaxvae.train import train
 
     _check_outputs(args.out, [], args.overwrite)  # a file in the way: refuse before loading
@@ -151,14 +151,14 @@ def cmd_train(args):
     if args.coordinator:
         from jaxvae.parallel import initialize_distributed
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    slices, desc = pipeline.load_dataset(args.data, args.modality, progress=True)
-    train_set, test_set = pipeline.split(slices, folds=args.folds, fold=args.fold, seed=args.seed)
+    slices, desc = datasets.load_dataset(args.data, args.modality, progress=True)
+    train_set, test_set = splits.split(slices, folds=args.folds, fold=args.fold, seed=args.seed)
     if args.max_slices and len(train_set) > args.max_slices:
         import numpy as np
         keep = np.sort(np.random.default_rng(args.seed).choice(len(train_set), args.max_slices,
                                                                 replace=False))
         train_set = train_set.subset(keep)
-    data = pipeline.split_description(desc, folds=args.folds, fold=args.fold, seed=args.seed,
+    data = splits.split_description(desc, folds=args.folds, fold=args.fold, seed=args.seed,
                                       train=train_set, test=test_set)
     cfg = TrainConfig(latent_dim=args.latent_dim, beta=args.beta, lr=args.lr,
                       batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
@@ -175,8 +175,8 @@ def cmd_train(args):
 
 def _run_and_data(args):
     """The run and the test slices it should be evaluated on (defaults from its config)."""
-    from jaxvae import pipeline
     from jaxvae.checkpoint import load_run
+    from jaxvae.data import datasets, splits
 
     model, params, cfg = load_run(args.run)
     d = cfg.data or {}
@@ -188,8 +188,8 @@ def _run_and_data(args):
     modality = args.modality or d.get("modality") or "t2"
     folds = args.folds or d.get("folds", 1)
     fold = d.get("fold", 0) if args.fold is None else args.fold
-    slices, _ = pipeline.load_dataset(data, modality, progress=True)
-    _, test = pipeline.split(slices, folds=folds, fold=fold, seed=d.get("split_seed", cfg.seed))
+    slices, _ = datasets.load_dataset(data, modality, progress=True)
+    _, test = splits.split(slices, folds=folds, fold=fold, seed=d.get("split_seed", cfg.seed))
     if not len(test):
         raise ConfigError(f"{data}: no test slices for folds={folds} fold={fold}")
     return model, params, cfg, test
@@ -211,7 +211,7 @@ def cmd_evaluate(args):
 
 
 def cmd_score(args):
-    from jaxvae import pipeline
+    from jaxvae import score
     from jaxvae.checkpoint import load_run
 
     settings = _settings(args)  # bad flags before slow loading
@@ -233,7 +233,7 @@ def cmd_score(args):
     written, failed = [], []
     for path in tqdm(inputs, desc="volumes", unit="vol", disable=len(inputs) == 1):
         try:
-            written += pipeline.score_volume(model, params, path, args.out, beta=cfg.beta,
+            written += score.score_volume(model, params, path, args.out, beta=cfg.beta,
                                              mask=args.mask, settings=settings,
                                              overwrite=args.overwrite, png=args.png,
                                              volume_index=args.volume_index)
@@ -268,11 +268,8 @@ def cmd_demo(args):
 
 
 def cmd_bench(args):
-    try:
-        from benchmarks.harness import run
-    except ImportError as e:
-        raise ConfigError(f"the benchmark harness is not importable ({e}); run from the "
-                          "repository root after `pip install -e .`") from None
+    from jaxvae.bench.harness import run
+
     frameworks = ("jax",) if args.no_torch else ("jax", "torch")
     result = run(batch_sizes=tuple(args.batch_size), frameworks=frameworks,
                  repeats=args.repeats, out=args.out)

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxvae import pipeline
+from jaxvae import score
 from jaxvae.config import TrainConfig, model_from_config
-from jaxvae.data import phantom
+from jaxvae.data import phantom, splits
 from jaxvae.data.datasets import find_brats_cases, load_slices
 from jaxvae.errors import OutputError
 from jaxvae.evaluate import EvalSettings, score_dataset, write_results
 from jaxvae.figures import map_figure
-from jaxvae.model import decode, encode
+from jaxvae.model import reconstruct
 from jaxvae.train import train
 
 # (n_healthy, n_lesion, epochs, projection steps): full < 5 min, quick < 1 min on 2 cores
@@ -39,7 +39,7 @@ def run_demo(out_dir, *, quick=False, overwrite=False, modality="t2", seed=0):
                         seed=seed, overwrite=overwrite)
     cases = find_brats_cases(out_dir / "data", modality)
     slices = load_slices(cases)
-    train_set, test_set = pipeline.split(slices)
+    train_set, test_set = splits.split(slices)
     print(f"[2/5] {len(train_set)} healthy training slices, {len(test_set)} test slices of "
           f"{len(test_set.cases)} lesion cases")
 
@@ -61,14 +61,14 @@ def run_demo(out_dir, *, quick=False, overwrite=False, modality="t2", seed=0):
 
     print("[5/5] figures and NIfTI maps of one test case")
     x = test_set.images[..., None]
-    recon = np.asarray(decode(model, params, encode(model, params, x)[0]))[..., 0]
+    recon = np.asarray(reconstruct(model, params, x))[..., 0]
     shown = {k: maps[k] for k in ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi",
                                   "proj_rec_error", "intensity")}
     map_figure(out_dir / "figures" / "maps.png", test_set.images, test_set.lesion, shown,
                recon=recon, case_ids=test_set.case_ids, overwrite=overwrite,
                title="phantom test slices")
     case = next(c for c in cases if c.case_id == test_set.cases[0])
-    written = pipeline.score_volume(model, params, case.image_path, out_dir / "maps",
+    written = score.score_volume(model, params, case.image_path, out_dir / "maps",
                                     beta=cfg.beta, settings=settings, overwrite=overwrite)
     print()
     print(md)

@@ -105,3 +105,10 @@ def write_text(path, text: str, *, overwrite: bool = False) -> None:
     """Write a text file atomically (see `atomic_path`)."""
     with atomic_path(path, overwrite=overwrite) as tmp:
         Path(tmp).write_text(text)
+
+
+def markdown_table(header, rows) -> str:
+    """A GitHub-flavoured markdown table: `header` and each row are sequences of cells."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -132,3 +132,8 @@ def encode(model: ConvVAE, params, x):
 def decode(model: ConvVAE, params, z):
     """Pure decoder: (N, latent_dim) -> (N, 64, 64, 1)."""
     return model.apply({"params": params}, z, method=ConvVAE.decode)
+
+
+def reconstruct(model: ConvVAE, params, x):
+    """Pure reconstruction from z = mu: (N, 64, 64, 1) -> (N, 64, 64, 1)."""
+    return decode(model, params, encode(model, params, x)[0])

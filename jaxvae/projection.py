@@ -15,14 +15,9 @@ import optax
 
 from jaxvae import losses
 from jaxvae.errors import ConfigError
-from jaxvae.model import ConvVAE, decode, encode
+from jaxvae.model import ConvVAE, reconstruct
 
 PROJECTION_MAPS = ("rec", "diff")
-
-
-def _reconstruct(model, params, x):
-    mu, _ = encode(model, params, x)
-    return decode(model, params, mu)
 
 
 def _l1(d):
@@ -33,7 +28,7 @@ def _l1(d):
 
 def energy(model, params, x, x0, lam):
     """Per-image projection energy E(x) = sum rec_nll(x, rec(x)) + lam * ||x - x0||_1, (N,)."""
-    x_hat = _reconstruct(model, params, x)
+    x_hat = reconstruct(model, params, x)
     axes = tuple(range(1, x.ndim))
     return jnp.sum(losses.rec_nll(x, x_hat), axis=axes) + lam * jnp.sum(_l1(x - x0), axis=axes)
 
@@ -67,7 +62,7 @@ def adam_steps(model, params, x, state, x0, lam, lr, *, steps, unroll=1):
 def projection_map(model, params, x, x0, *, map_kind="rec"):
     """The anomaly map of projected images x against the inputs x0, (N, 64, 64)."""
     if map_kind == "rec":
-        return losses.squared_error(x0, _reconstruct(model, params, x))[..., 0]
+        return losses.squared_error(x0, reconstruct(model, params, x))[..., 0]
     return jnp.abs(x0 - x)[..., 0]
 
 

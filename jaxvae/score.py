@@ -8,11 +8,17 @@ stack of slices into fixed-size, padded batches so one compiled program serves t
 The evaluation, `jaxvae score` and the demo all go through here.
 """
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxvae import execution, parallel, projection
+from jaxvae.data import nifti
+from jaxvae.data.preprocess import PreprocessParams, brain_mask, maps_to_volume, preprocess_volume
+from jaxvae.errors import OutputError
+from jaxvae.io import all_or_nothing, confined
 from jaxvae.predictors import COMBI_GROUP, anomaly_maps
 
 
@@ -127,3 +133,54 @@ def sharded_project(model, params, x, *, mesh=None, **kwargs):
     """`project` with the batch split over the devices of `mesh` (default: all devices)."""
     return project(model, params, x, mesh=parallel.make_mesh() if mesh is None else mesh,
                    **kwargs)
+
+
+def score_volume(model, params, path, out_dir, *, beta=1.0, mask=None, settings=None,
+                 overwrite=False, png=False, volume_index=None) -> list[Path]:
+    """Anomaly maps of one NIfTI volume, written as NIfTI maps on the input's grid.
+
+    Args:
+      model, params, beta: the trained model.
+      path: input volume (.nii / .nii.gz).
+      out_dir: output folder; files are `<stem>_<predictor>.nii.gz` (+ `<stem>_maps.png`).
+      mask: optional brain mask file on the same grid.
+      settings: EvalSettings (predictors, smoothing, projection steps...).
+      overwrite: replace existing outputs.
+      png: also write an overlay figure of the slices with the highest map values.
+
+    Returns:
+      The paths written. Every map is computed before the first file is written, each file
+      is written atomically, and an error while writing removes the maps already written.
+    """
+    from jaxvae.evaluate import EvalSettings, compute_maps
+    from jaxvae.figures import map_figure
+
+    settings = settings or EvalSettings()
+    out_dir = Path(out_dir)
+    stem = nifti.volume_stem(path)
+    targets = {p: confined(out_dir, f"{stem}_{p}.nii.gz") for p in settings.predictors}
+    png_target = confined(out_dir, f"{stem}_maps.png") if png else None
+    outputs = [*targets.values(), *([png_target] if png else [])]
+    if not overwrite:  # refuse before any work, not after minutes of scoring
+        existing = [str(t) for t in outputs if t.exists()]
+        if existing:
+            raise OutputError(f"{existing[0]}: already exists (use --overwrite to replace it)")
+    volume = nifti.load_volume(path, volume_index=volume_index)
+    mask_native = nifti.load_seg(mask, volume) if mask else None
+    images, brain, _, geometry = preprocess_volume(volume.data, PreprocessParams(), mask_native,
+                                                   name=path)
+    maps = compute_maps(model, params, images, beta=beta, settings=settings)
+    brain_native = brain_mask(volume.data, mask_native, name=path)
+    written = []
+    with all_or_nothing(outputs):  # all maps of the volume, or none of them
+        for name, target in targets.items():
+            native = volume.to_native(maps_to_volume(maps[name], geometry, brain_native))
+            written.append(nifti.save_volume(target, native, volume.affine, overwrite=overwrite))
+        if png:
+            score = sum(m / max(float(m.max()), 1e-12) for m in maps.values())
+            order = np.argsort(-score.reshape(len(score), -1).max(1))[:4]
+            map_figure(png_target, images, None, maps,
+                       index=sorted(order.tolist()), overwrite=overwrite,
+                       title=str(Path(path).name))
+            written.append(png_target)
+    return written

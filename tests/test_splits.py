@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import jaxvae
-from jaxvae import pipeline
-from jaxvae.data import phantom
+from jaxvae import score
+from jaxvae.data import datasets, phantom, splits
 from jaxvae.data.datasets import SliceSet
 from jaxvae.errors import ConfigError, OutputError
 from jaxvae.evaluate import EvalSettings
@@ -22,7 +22,7 @@ def _set(case_lesion):
 
 
 def test_split_healthy_cohort_trains_and_lesion_cases_test():
-    train, test = pipeline.split(_set([False, False, True, True]))
+    train, test = splits.split(_set([False, False, True, True]))
     assert train.cases == ["c0", "c1"] and test.cases == ["c2", "c3"]
     assert not train.lesion.any()
 
@@ -30,10 +30,10 @@ def test_split_healthy_cohort_trains_and_lesion_cases_test():
 def test_split_cross_validation_uses_lesion_free_slices_by_case():
     s = _set([True] * 6)
     with pytest.raises(ConfigError, match="--folds 2"):
-        pipeline.split(s)
+        splits.split(s)
     seen = set()
     for fold in range(2):
-        train, test = pipeline.split(s, folds=2, fold=fold)
+        train, test = splits.split(s, folds=2, fold=fold)
         assert not set(train.cases) & set(test.cases)
         assert not train.lesion.any() and len(train) == len(train.cases)  # one healthy slice each
         seen |= set(test.cases)
@@ -43,16 +43,16 @@ def test_split_cross_validation_uses_lesion_free_slices_by_case():
 def test_find_cases_kinds(tmp_path):
     phantom.write_brats(tmp_path / "brats", n_healthy=1, n_lesion=1, shape=(48, 48, 32),
                         spacing=(4, 4, 4), modalities=("t2",))
-    cases, desc = pipeline.find_cases(tmp_path / "brats", "t2")
+    cases, desc = datasets.find_cases(tmp_path / "brats", "t2")
     assert desc["source"] == "brats" and len(cases) == 2 and cases[1].seg_path is not None
     vol = cases[0].image_path
-    cases, desc = pipeline.find_cases(vol)
+    cases, desc = datasets.find_cases(vol)
     assert desc["source"] == "volume" and cases[0].case_id == "phantom_healthy_000_t2"
     (tmp_path / "healthy").mkdir()
     (tmp_path / "healthy" / "a.nii.gz").write_bytes(vol.read_bytes())
-    assert pipeline.find_cases(tmp_path / "healthy")[1]["source"] == "healthy"
+    assert datasets.find_cases(tmp_path / "healthy")[1]["source"] == "healthy"
     with pytest.raises(jaxvae.DataError, match="nope"):
-        pipeline.find_cases(tmp_path / "nope")
+        datasets.find_cases(tmp_path / "nope")
 
 
 def test_score_volume_writes_maps_on_the_input_grid(tmp_path):
@@ -62,7 +62,7 @@ def test_score_volume_writes_maps_on_the_input_grid(tmp_path):
     model = jaxvae.ConvVAE(latent_dim=8)
     params = jaxvae.init_params(model, jax.random.key(0))
     settings = EvalSettings(predictors=("rec_error", "kl_grad"))
-    written = pipeline.score_volume(model, params, path, tmp_path / "out", settings=settings)
+    written = score.score_volume(model, params, path, tmp_path / "out", settings=settings)
     ref = nib.load(path)
     assert [p.name for p in written] == ["phantom_lesion_000_t2_rec_error.nii.gz",
                                          "phantom_lesion_000_t2_kl_grad.nii.gz"]
@@ -74,7 +74,7 @@ def test_score_volume_writes_maps_on_the_input_grid(tmp_path):
         assert np.all(data[np.asarray(ref.get_fdata()) == 0] == 0)  # zero outside the brain
         assert data.max() > 0
     with pytest.raises(OutputError, match="already exists"):
-        pipeline.score_volume(model, params, path, tmp_path / "out", settings=settings)
+        score.score_volume(model, params, path, tmp_path / "out", settings=settings)
 
 
 def test_score_volume_puts_every_voxel_back_in_place(tmp_path):
@@ -91,7 +91,7 @@ def test_score_volume_puts_every_voxel_back_in_place(tmp_path):
     nib.save(nib.Nifti1Image(data, affine), path)
     model = jaxvae.ConvVAE(latent_dim=8)
     params = jax.tree.map(jnp.zeros_like, jaxvae.init_params(model, jax.random.key(0)))
-    [out] = pipeline.score_volume(model, params, path, tmp_path / "out",
+    [out] = score.score_volume(model, params, path, tmp_path / "out",
                                   settings=EvalSettings(predictors=("rec_error",)))
     img = nib.load(out)
     got = img.get_fdata()

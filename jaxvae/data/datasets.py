@@ -1,4 +1,4 @@
-"""Cases on disk -> arrays of model slices, with a content-keyed cache and splits by case.
+"""Cases on disk -> arrays of model slices, with a content-keyed cache; datasets by name.
 
 Two layouts: BraTS (`<ID>/<ID>_<modality>.nii.gz` plus `<ID>/<ID>_seg.nii.gz`, any BraTS
 2015-2023 naming) and a flat folder of healthy volumes with optional `_mask` /
@@ -8,14 +8,15 @@ Two layouts: BraTS (`<ID>/<ID>_<modality>.nii.gz` plus `<ID>/<ID>_seg.nii.gz`, a
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from jaxvae.data import nifti
+from jaxvae.data import nifti, phantom
 from jaxvae.data.preprocess import PreprocessParams, SliceGeometry, preprocess_volume
-from jaxvae.errors import ConfigError, DataError
+from jaxvae.errors import DataError
 from jaxvae.io import atomic_path, confined
 
 # BraTS renamed its modalities over the years (2023: t1n, t1c, t2w, t2f).
@@ -35,11 +36,6 @@ class Case:
     mask_path: Path | None = None
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    return name[:-7] if name.lower().endswith(".nii.gz") else name[:-4]
-
-
 def _niftis(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))
@@ -57,7 +53,7 @@ def _aliases(modality: str) -> tuple[str, ...]:
 def _match(folder: Path, files: list[Path], names: tuple[str, ...], what: str) -> Path | None:
     """The one file whose stem ends in _<name> or -<name> (2023 uses '-'), or None."""
     hits = [p for p in files
-            if any(_stem(p).lower().endswith((f"_{n}", f"-{n}")) for n in names)]
+            if any(nifti.volume_stem(p).lower().endswith((f"_{n}", f"-{n}")) for n in names)]
     if len(hits) > 1:
         raise DataError(f"{folder}: several {what} files: {', '.join(p.name for p in hits)}")
     return hits[0] if hits else None
@@ -127,7 +123,7 @@ def find_volumes(folder) -> list[Case]:
     files = _niftis(folder)
     masks, images = {}, {}
     for p in files:
-        stem = _stem(p)
+        stem = nifti.volume_stem(p)
         suffix = next((s for s in _MASK_SUFFIXES if stem.lower().endswith(s)), None)
         target, key = (masks, stem[:-len(suffix)]) if suffix else (images, stem)
         if key in target:
@@ -294,29 +290,49 @@ def load_slices(cases, params: PreprocessParams | None = None, *, cache_dir=None
     return SliceSet.concat(sets)
 
 
-def split_cases(case_ids, n_folds: int, fold: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Deterministic K-fold split by case: each case is in the test part of exactly one fold.
+# ---- datasets by name: the phantom cache, BraTS folders, healthy folders, one volume -------
+
+def cache_root() -> Path:
+    """Folder for generated phantom data and pre-processed slice caches."""
+    if "JAXVAE_CACHE" in os.environ:
+        return Path(os.environ["JAXVAE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxvae"
+
+
+def phantom_dataset(root=None, *, seed=0, n_healthy=16, n_lesion=8) -> Path:
+    """The phantom dataset folder, written on first use (dataset.json marks it complete)."""
+    root = Path(root) if root else cache_root() / f"phantom-s{seed}-h{n_healthy}-l{n_lesion}"
+    if not (root / "dataset.json").is_file():
+        phantom.write_brats(root, n_healthy=n_healthy, n_lesion=n_lesion, seed=seed,
+                            overwrite=True)
+    return root
+
+
+def find_cases(data, modality="t2"):
+    """Resolve a dataset name to (cases, description dict).
 
     Args:
-      case_ids: case IDs (repeats, e.g. one per slice, are fine).
-      n_folds: number of folds; 1 means everything is training data and the test part is empty.
-      fold: which fold is the test part, 0 <= fold < n_folds.
-      seed: seed of the permutation of the sorted unique IDs.
-
-    Returns:
-      (train_ids, test_ids), each sorted.
-
-    Raises:
-      ConfigError: n_folds < 1, more folds than cases, or fold out of range.
+      data: "phantom", a BraTS-layout folder, a folder of healthy volumes, or one volume.
+      modality: image modality of a BraTS-layout dataset (t2, flair, t1, t1ce or aliases).
     """
-    ids = np.unique(np.asarray(list(case_ids), dtype=str))  # sorted: order of input is irrelevant
-    if n_folds < 1 or not 0 <= fold < n_folds:
-        raise ConfigError(f"need n_folds >= 1 and 0 <= fold < n_folds, got fold {fold} of "
-                          f"{n_folds}")
-    if n_folds > len(ids):
-        raise ConfigError(f"{n_folds} folds but only {len(ids)} cases")
-    perm = np.random.default_rng(seed).permutation(len(ids))
-    test = np.zeros(len(ids), bool)
-    if n_folds > 1:
-        test[np.array_split(perm, n_folds)[fold]] = True
-    return sorted(ids[~test].tolist()), sorted(ids[test].tolist())
+    if str(data) == "phantom":
+        root = phantom_dataset()
+        return find_brats_cases(root, modality), {"source": "phantom", "path": str(root),
+                                                  "modality": modality}
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder (give a BraTS folder, a folder of "
+                        "volumes, a .nii/.nii.gz volume, or 'phantom')")
+    if path.is_file():
+        desc = {"source": "volume", "path": str(path)}
+        return [Case(case_id=nifti.volume_stem(path), image_path=path)], desc
+    if any(p.is_dir() for p in path.iterdir()) or (path / "dataset.json").exists():
+        return find_brats_cases(path, modality), {"source": "brats", "path": str(path),
+                                                  "modality": modality}
+    return find_volumes(path), {"source": "healthy", "path": str(path)}
+
+
+def load_dataset(data, modality="t2", *, progress=False):
+    """(SliceSet of every case, description) with the on-disk slice cache."""
+    cases, desc = find_cases(data, modality)
+    return load_slices(cases, cache_dir=cache_root() / "slices", progress=progress), desc

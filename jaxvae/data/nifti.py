@@ -197,15 +197,23 @@ def load_seg(path, reference: Volume) -> np.ndarray:
     return np.ascontiguousarray(apply_orientation(data > 0, reference.ornt))
 
 
+def volume_stem(path) -> str:
+    """File name without .nii / .nii.gz (the prefix of a volume's output files)."""
+    name = Path(path).name
+    return name[:-7] if name.lower().endswith(".nii.gz") else name.removesuffix(".nii")
+
+
 def save_volume(path, data_native: np.ndarray, affine: np.ndarray, *,
-                overwrite: bool = False) -> Path:
-    """Write a 3D float32 NIfTI atomically (a crash never leaves a half-written file).
+                overwrite: bool = False, dtype=np.float32) -> Path:
+    """Write a 3D NIfTI atomically (a crash never leaves a half-written file): the one
+    NIfTI writer of jaxvae (maps, phantom images and label maps).
 
     Args:
       path: output file ending in .nii or .nii.gz.
       data_native: (X, Y, Z) array on the target grid (e.g. `Volume.to_native(map)`).
       affine: (4, 4) voxel -> world affine of that grid (e.g. `Volume.affine`).
       overwrite: replace an existing file.
+      dtype: the stored data type (float32 for maps; the phantom's labels keep theirs).
 
     Returns:
       The path written.
@@ -216,7 +224,7 @@ def save_volume(path, data_native: np.ndarray, affine: np.ndarray, *,
     path = Path(path)
     if not path.name.endswith((".nii", ".nii.gz")):
         raise OutputError(f"{path}: a NIfTI output must end in .nii or .nii.gz")
-    data = np.asarray(data_native, dtype=np.float32)
+    data = np.asarray(data_native, dtype=dtype)
     affine = np.asarray(affine, dtype=np.float64)
     if data.ndim != 3 or affine.shape != (4, 4):
         raise OutputError(f"{path}: need a 3D array and a 4x4 affine, "

@@ -26,12 +26,12 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from jaxvae.data.nifti import save_volume
 from jaxvae.errors import ConfigError
-from jaxvae.io import atomic_path, write_text
+from jaxvae.io import write_text
 
 # Tissue codes of `Subject.tissue`.
 BACKGROUND, CSF, GM, WM, DEEP_GM = 0, 1, 2, 3, 4
@@ -489,15 +489,6 @@ def make_case(seed: int, *, lesion_kinds: Sequence[str] = ("tumour",), modality:
                        seg=BRATS_LABEL[subject.lesion])
 
 
-def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, overwrite: bool) -> None:
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        nib.save(img, tmp)
-
-
 def write_brats(out_dir, *, n_healthy: int = 16, n_lesion: int = 8, seed: int = 0,
                 modalities: Sequence[str] = MODALITIES, overwrite: bool = False,
                 lesion_kinds: Sequence[Sequence[str]] = DEFAULT_LESION_KINDS,
@@ -545,10 +536,12 @@ def write_brats(out_dir, *, n_healthy: int = 16, n_lesion: int = 8, seed: int = 
         if kinds:
             subject = add_lesions(subject, kinds, seed=case_seed)
         for modality in modalities:
-            _save_nifti(out_dir / case_id / f"{case_id}_{modality}.nii.gz",
-                        render(subject, modality, seed=case_seed), subject.affine, overwrite)
-        _save_nifti(out_dir / case_id / f"{case_id}_seg.nii.gz", BRATS_LABEL[subject.lesion],
-                    subject.affine, overwrite)
+            image = render(subject, modality, seed=case_seed)
+            save_volume(out_dir / case_id / f"{case_id}_{modality}.nii.gz", image,
+                        subject.affine, overwrite=overwrite, dtype=image.dtype)
+        labels = BRATS_LABEL[subject.lesion]
+        save_volume(out_dir / case_id / f"{case_id}_seg.nii.gz", labels, subject.affine,
+                    overwrite=overwrite, dtype=labels.dtype)
     meta = {
         "generator": "jaxvae.data.phantom.write_brats",
         "seed": seed, "n_healthy": n_healthy, "n_lesion": n_lesion,

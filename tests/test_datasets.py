@@ -13,9 +13,9 @@ from jaxvae.data.datasets import (
     find_brats_cases,
     find_volumes,
     load_slices,
-    split_cases,
 )
 from jaxvae.data.preprocess import PreprocessParams, brain_mask, maps_to_volume, preprocess_volume
+from jaxvae.data.splits import split_cases
 from jaxvae.errors import ConfigError, DataError
 
 LPS = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 39], [0, 0, 1.0, 0], [0, 0, 0, 1]])

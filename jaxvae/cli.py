@@ -202,7 +202,7 @@ def cmd_evaluate(args):
     settings = _settings(args, postprocess=args.postprocess)  # bad flags before slow loading
     model, params, cfg, test = _run_and_data(args)
     results, _ = score_dataset(model, params, test, beta=cfg.beta, settings=settings,
-                               progress=True)
+                               progress=True, keep=())  # no maps kept: memory of a batch
     results["run"] = str(args.run)
     md = write_results(results, args.out, overwrite=args.overwrite,
                        title=f"jaxvae evaluate {args.run}")

@@ -139,11 +139,104 @@ def _log_transform(name: str, x: np.ndarray, s: float) -> np.ndarray:
     return np.log1p(x / s)
 
 
+def fit_pixels(case_ids, shape, *, fit_fraction: float = 0.1, seed: int = 0, brain=None,
+               max_fit_pixels: int = 200_000) -> tuple[list[str], list[str], np.ndarray]:
+    """The pixels an ensemble is fitted on: a case-wise fit split, its brain pixels, a subsample.
+
+    Needs no map, so a streaming scorer can pick the pixels first and keep only their
+    feature values (at most `max_fit_pixels` per feature) instead of the fit cases' maps.
+
+    Args:
+      case_ids: (S,) case id of each slice; split with `split_fit_cases`.
+      shape: (S, H, W) shape of the maps the pixels index.
+      fit_fraction, seed: passed to `split_fit_cases`; `seed` also draws the subsample.
+      brain: optional (S, H, W) binary brain mask; only its pixels are fitted on.
+      max_fit_pixels: at most this many pixels, drawn uniformly without replacement.
+
+    Returns:
+      (fit_ids, test_ids, index): the split and the sorted flat indices (into an array of
+      `shape`) of the pixels to fit on.
+    """
+    shape = tuple(shape)
+    case_ids = np.asarray(case_ids).astype(str)
+    if len(shape) != 3 or case_ids.shape != shape[:1]:
+        raise ConfigError(f"case_ids must have shape ({shape[0] if shape else '?'},) for maps "
+                          f"of shape {shape} (S, H, W), got {case_ids.shape}")
+    if max_fit_pixels < 2:
+        raise ConfigError(f"max_fit_pixels must be >= 2, got {max_fit_pixels}")
+    fit_ids, test_ids = split_fit_cases(case_ids, fit_fraction, seed)
+    rows = np.flatnonzero(np.isin(case_ids, fit_ids))
+    hw = shape[1] * shape[2]
+    if brain is None:
+        idx = (rows[:, None] * hw + np.arange(hw)).reshape(-1)
+    else:
+        if np.shape(brain) != shape:
+            raise ConfigError(f"brain shape {np.shape(brain)} != feature shape {shape}")
+        # row-major nonzero over the fit slices only: the same ascending indices as
+        # flatnonzero over the whole (S, H, W) mask, without building it
+        r, c = np.nonzero(np.asarray(brain)[rows].reshape(len(rows), hw).astype(bool))
+        idx = rows[r] * hw + c
+    rng = np.random.default_rng(seed)
+    if idx.size > max_fit_pixels:
+        idx = np.sort(rng.choice(idx, size=max_fit_pixels, replace=False))
+    return fit_ids, test_ids, idx
+
+
+def fit_samples(samples: Mapping[str, np.ndarray], labels, *, fit_cases: Sequence[str] = (),
+                test_cases: Sequence[str] = (), log_features: bool | Sequence[str] = False,
+                balanced: bool = True) -> Ensemble:
+    """Fit the logistic regression on feature values of chosen pixels (see `fit_ensemble`).
+
+    Args:
+      samples: {name: (P,) values of the feature map at the P fit pixels}.
+      labels: (P,) binary lesion labels of those pixels.
+      fit_cases, test_cases: the split the pixels come from (recorded in the Ensemble).
+      log_features, balanced: as `fit_ensemble`.
+
+    Returns:
+      the fitted `Ensemble`.
+    """
+    names = tuple(samples)
+    if not names:
+        raise ConfigError("fit_ensemble needs at least one feature map")
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    sizes = {n: np.size(samples[n]) for n in names}
+    if set(sizes.values()) != {y.size}:
+        raise ConfigError(f"feature samples {sizes} must all have {y.size} values (one per label)")
+    log_names = set(names) if log_features is True else set(log_features or ())
+    if log_names - set(names):
+        raise ConfigError(f"log_features {sorted(log_names - set(names))} are not features "
+                          f"({list(names)})")
+    if y.all() or not y.any():
+        raise ConfigError(f"the fit cases {list(fit_cases)} have "
+                          f"{'only' if y.any() else 'no'} lesion pixels; the ensemble needs "
+                          "both: change seed or fit_fraction")
+    cols, log_scale = [], np.zeros(len(names))
+    for f, name in enumerate(names):
+        x = np.asarray(samples[name]).reshape(-1).astype(np.float64)
+        if name in log_names:
+            pos = x[x > 0]
+            log_scale[f] = float(np.median(pos)) if pos.size else 1.0
+            x = _log_transform(name, x, log_scale[f])
+        cols.append(x)
+    X = np.stack(cols, axis=1)
+    scaler = StandardScaler().fit(X)
+    clf = LogisticRegression(class_weight="balanced" if balanced else None, max_iter=1000)
+    clf.fit(scaler.transform(X), y)
+    return Ensemble(feature_names=names, log_scale=log_scale, mean=scaler.mean_.copy(),
+                    scale=scaler.scale_.copy(), coef=clf.coef_[0].astype(np.float64),
+                    intercept=float(clf.intercept_[0]), fit_cases=tuple(fit_cases),
+                    test_cases=tuple(test_cases), n_fit_pixels=int(y.size),
+                    n_fit_lesion=int(y.sum()))
+
+
 def fit_ensemble(features: Mapping[str, np.ndarray], lesion, case_ids, *,
                  fit_fraction: float = 0.1, seed: int = 0, brain=None,
                  max_fit_pixels: int = 200_000, log_features: bool | Sequence[str] = False,
                  balanced: bool = True) -> Ensemble:
     """Fit a logistic regression on the pixels of a case-wise fit split.
+
+    `fit_pixels` then `fit_samples`, on maps held in memory.
 
     Args:
       features: {name: (S, H, W) map}, e.g. rec_error, kl_grad, rec_grad.
@@ -175,42 +268,12 @@ def fit_ensemble(features: Mapping[str, np.ndarray], lesion, case_ids, *,
     case_ids = np.asarray(case_ids).astype(str)
     if case_ids.shape != shape[:1]:
         raise ConfigError(f"case_ids must have shape ({shape[0]},), got {case_ids.shape}")
-    if max_fit_pixels < 2:
-        raise ConfigError(f"max_fit_pixels must be >= 2, got {max_fit_pixels}")
     log_names = set(names) if log_features is True else set(log_features or ())
     if log_names - set(names):
         raise ConfigError(f"log_features {sorted(log_names - set(names))} are not features "
                           f"({list(names)})")
-
-    fit_ids, test_ids = split_fit_cases(case_ids, fit_fraction, seed)
-    use = np.broadcast_to(np.isin(case_ids, fit_ids)[:, None, None], shape)
-    if brain is not None:
-        if np.shape(brain) != shape:
-            raise ConfigError(f"brain shape {np.shape(brain)} != feature shape {shape}")
-        use = use & np.asarray(brain, dtype=bool)
-    idx = np.flatnonzero(use)
-    rng = np.random.default_rng(seed)
-    if idx.size > max_fit_pixels:
-        idx = np.sort(rng.choice(idx, size=max_fit_pixels, replace=False))
-    y = lesion.reshape(-1)[idx].astype(bool)
-    if y.all() or not y.any():
-        raise ConfigError(f"the fit cases {fit_ids} have {'only' if y.any() else 'no'} lesion "
-                          "pixels; the ensemble needs both: change seed or fit_fraction")
-
-    cols, log_scale = [], np.zeros(len(names))
-    for f, name in enumerate(names):
-        x = np.asarray(features[name]).reshape(-1)[idx].astype(np.float64)
-        if name in log_names:
-            pos = x[x > 0]
-            log_scale[f] = float(np.median(pos)) if pos.size else 1.0
-            x = _log_transform(name, x, log_scale[f])
-        cols.append(x)
-    X = np.stack(cols, axis=1)
-    scaler = StandardScaler().fit(X)
-    clf = LogisticRegression(class_weight="balanced" if balanced else None, max_iter=1000)
-    clf.fit(scaler.transform(X), y)
-    return Ensemble(feature_names=names, log_scale=log_scale, mean=scaler.mean_.copy(),
-                    scale=scaler.scale_.copy(), coef=clf.coef_[0].astype(np.float64),
-                    intercept=float(clf.intercept_[0]), fit_cases=tuple(fit_ids),
-                    test_cases=tuple(test_ids), n_fit_pixels=int(idx.size),
-                    n_fit_lesion=int(y.sum()))
+    fit_ids, test_ids, idx = fit_pixels(case_ids, shape, fit_fraction=fit_fraction, seed=seed,
+                                        brain=brain, max_fit_pixels=max_fit_pixels)
+    samples = {name: np.asarray(features[name]).reshape(-1)[idx] for name in names}
+    return fit_samples(samples, lesion.reshape(-1)[idx], fit_cases=fit_ids, test_cases=test_ids,
+                       log_features=log_features, balanced=balanced)

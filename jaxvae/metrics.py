@@ -223,6 +223,107 @@ def summarize_cases(per_case: Mapping[str, Mapping[str, float]]) -> dict:
     return out
 
 
+class MapsAccumulator:
+    """Pooled and per-case metrics of several named maps, fed batch by batch of slices.
+
+    The pooled counts of each map live in one `Accumulator` (fixed size). A case is scored
+    when its last slice has arrived: its slices wait in a buffer until then (a case is a few
+    hundred slices; one `Accumulator` per map and open case would be 16 MiB each), are
+    scored with a fresh `Accumulator` per map, which is merged into the pooled one, and are
+    dropped. Fed in case order (as SliceSets are), the buffers hold at most one batch plus
+    one case; any order gives the same numbers, since counts do not depend on order.
+
+    Args:
+      names: the map names every `update` brings.
+      case_ids: (S,) case id of each of the S slices that will be fed, each exactly once.
+      per_case: also score every case on its own; False keeps only the pooled counts (then
+        slices need not be fed completely, nor are they checked).
+      **opts: passed to `Accumulator` (`mantissa_bits`).
+    """
+
+    def __init__(self, names, case_ids, *, per_case: bool = True, **opts):
+        self.names = tuple(names)
+        self.per_case = per_case
+        self._opts = opts
+        self._case_ids = np.asarray(case_ids).astype(str)
+        self.pooled = {n: Accumulator(**opts) for n in self.names}
+        self._rows = {n: {} for n in self.names}
+        cases, counts = np.unique(self._case_ids, return_counts=True)
+        self._left = dict(zip(cases.tolist(), counts.tolist(), strict=True)) if per_case else {}
+        self._buffer = {}  # case -> [(maps, lesion, brain)] of its slices seen so far
+
+    def update(self, index, maps: Mapping[str, np.ndarray], lesion, brain=None
+               ) -> "MapsAccumulator":
+        """Add a batch of slices.
+
+        Args:
+          index: (n,) positions of the batch's slices in `case_ids`.
+          maps: {name: (n, H, W) scores} for every name in `names`.
+          lesion: (n, H, W) binary lesion mask; brain: (n, H, W) brain mask or None.
+
+        Returns:
+          self, for chaining.
+        """
+        index = np.asarray(index).reshape(-1)
+        lesion = np.asarray(lesion)
+        if lesion.ndim != 3 or lesion.shape[0] != index.size:
+            raise ConfigError(f"lesion must have shape ({index.size}, H, W) (one slice per "
+                              f"index), got {lesion.shape}")
+        missing = [n for n in self.names if n not in maps]
+        if missing:
+            raise ConfigError(f"maps {missing} missing from the batch; got {sorted(maps)}")
+        for name in self.names:
+            if np.shape(maps[name]) != lesion.shape:
+                raise ConfigError(f"map {name!r} shape {np.shape(maps[name])} != lesion shape "
+                                  f"{lesion.shape}")
+        if brain is not None and np.shape(brain) != lesion.shape:
+            raise ConfigError(f"brain shape {np.shape(brain)} != lesion shape {lesion.shape}")
+        if not self.per_case:
+            for name in self.names:
+                self.pooled[name].update(maps[name], lesion, brain)
+            return self
+        cases, inv = np.unique(self._case_ids[index], return_inverse=True)
+        order = np.argsort(inv, kind="stable")
+        for c, sel in zip(cases.tolist(), np.split(order, np.cumsum(np.bincount(inv))[:-1]),
+                          strict=True):
+            part = ({n: np.asarray(maps[n])[sel] for n in self.names}, lesion[sel],
+                    None if brain is None else np.asarray(brain)[sel])
+            self._buffer.setdefault(c, []).append(part)
+            self._left[c] -= sel.size
+            if self._left[c] < 0:
+                raise ConfigError(f"case {c!r}: more slices fed than it has; feed each slice "
+                                  "once")
+            if self._left[c] == 0:
+                self._finish(c)
+        return self
+
+    def _finish(self, case: str):
+        parts = self._buffer.pop(case)
+        lesion = np.concatenate([p[1] for p in parts])
+        brain = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+        for name in self.names:
+            acc = Accumulator(**self._opts).update(np.concatenate([p[0][name] for p in parts]),
+                                                   lesion, brain)
+            self._rows[name][case] = acc.result()
+            self.pooled[name].merge(acc)  # pooled counts are the sum of the per-case ones
+
+    def result(self) -> dict:
+        """{name: {"pooled", "per_case", "per_case_summary"}} as `evaluate_maps` returns."""
+        if not self.per_case:
+            return {n: {"pooled": self.pooled[n].result()} for n in self.names}
+        open_cases = sorted(c for c, k in self._left.items() if k)
+        if open_cases:
+            raise ConfigError(f"{len(open_cases)} cases not fed completely (e.g. "
+                              f"{open_cases[0]!r}, {self._left[open_cases[0]]} slices missing); "
+                              "feed every slice once before asking for the result")
+        out = {}
+        for n in self.names:
+            rows = {c: self._rows[n][c] for c in sorted(self._rows[n])}  # stable order
+            out[n] = {"pooled": self.pooled[n].result(), "per_case": rows,
+                      "per_case_summary": summarize_cases(rows)}
+        return out
+
+
 def evaluate_maps(maps: Mapping[str, np.ndarray], lesion, brain, case_ids, *,
                   per_case: bool = True, **opts) -> dict:
     """Pooled (and per-case) metrics of several anomaly maps on one test set.
@@ -252,20 +353,8 @@ def evaluate_maps(maps: Mapping[str, np.ndarray], lesion, brain, case_ids, *,
     for name, m in maps.items():
         if np.shape(m) != lesion.shape:
             raise ConfigError(f"map {name!r} shape {np.shape(m)} != lesion shape {lesion.shape}")
-    cases = np.unique(case_ids)  # sorted: results come out in a stable order
     out = {}
-    for name, m in maps.items():
-        m = np.asarray(m)
-        if not per_case:
-            out[name] = {"pooled": Accumulator(**opts).update(m, lesion, brain).result()}
-            continue
-        pooled, rows = Accumulator(**opts), {}
-        for c in cases:
-            sl = np.flatnonzero(case_ids == c)
-            acc = Accumulator(**opts).update(m[sl], lesion[sl],
-                                             None if brain is None else np.asarray(brain)[sl])
-            rows[str(c)] = acc.result()
-            pooled.merge(acc)  # pooled counts are the sum of the per-case ones: one pass
-        out[name] = {"pooled": pooled.result(), "per_case": rows,
-                     "per_case_summary": summarize_cases(rows)}
+    for name, m in maps.items():  # one map at a time: one map's case buffers, not all
+        acc = MapsAccumulator([name], case_ids, per_case=per_case, **opts)
+        out[name] = acc.update(np.arange(len(case_ids)), {name: m}, lesion, brain).result()[name]
     return out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from jaxvae.ensemble import Ensemble, fit_ensemble, split_fit_cases
+from jaxvae.ensemble import Ensemble, fit_ensemble, fit_pixels, fit_samples, split_fit_cases
 from jaxvae.errors import ConfigError
 
 
@@ -114,3 +114,43 @@ def test_errors():
     ens = fit_ensemble(feats, lesion, ids, fit_fraction=0.5)
     with pytest.raises(ConfigError, match="missing"):
         ens.predict({"good": feats["good"]})
+
+
+@pytest.mark.parametrize("max_fit_pixels", [10**9, 500])
+@pytest.mark.parametrize("with_brain", [True, False])
+def test_fit_pixels_equal_the_full_mask_and_fit_samples_equal_fit_ensemble(max_fit_pixels,
+                                                                          with_brain):
+    # the pixels are chosen without the maps: the same indices as flatnonzero over the whole
+    # (S, H, W) fit mask and the same subsample, so fitting on their values alone is the fit
+    rng = np.random.default_rng(4)
+    feats, lesion, ids = synthetic(rng, n_cases=12)
+    ids = ids[rng.permutation(ids.size)]  # cases interleaved: rows of a case not contiguous
+    brain = rng.random(lesion.shape) < 0.7 if with_brain else None
+    fit, test, idx = fit_pixels(ids, lesion.shape, fit_fraction=0.3, seed=5, brain=brain,
+                                max_fit_pixels=max_fit_pixels)
+    assert (fit, test) == split_fit_cases(ids, 0.3, 5)
+    use = np.isin(ids, fit)[:, None, None] & (True if brain is None else brain)
+    want = np.flatnonzero(np.broadcast_to(use, lesion.shape))
+    if want.size > max_fit_pixels:
+        want = np.sort(np.random.default_rng(5).choice(want, max_fit_pixels, replace=False))
+    np.testing.assert_array_equal(idx, want)
+    assert idx.size == min(max_fit_pixels, use.sum() if with_brain else use.sum() * 16 * 16)
+    ens = fit_ensemble(feats, lesion, ids, fit_fraction=0.3, seed=5, brain=brain,
+                       max_fit_pixels=max_fit_pixels, log_features=["good"])
+    again = fit_samples({k: v.reshape(-1)[idx] for k, v in feats.items()},
+                        lesion.reshape(-1)[idx], fit_cases=fit, test_cases=test,
+                        log_features=["good"])
+    assert again.to_json() == ens.to_json()
+
+
+def test_fit_pixels_and_fit_samples_errors():
+    rng = np.random.default_rng(6)
+    feats, lesion, ids = synthetic(rng, n_cases=4)
+    with pytest.raises(ConfigError, match="case_ids"):
+        fit_pixels(ids[:3], lesion.shape)
+    with pytest.raises(ConfigError, match="brain shape"):
+        fit_pixels(ids, lesion.shape, brain=lesion[:, :4])
+    with pytest.raises(ConfigError, match="one per label"):
+        fit_samples({"good": np.ones(3), "noise": np.ones(4)}, [0, 1, 0])
+    with pytest.raises(ConfigError, match="only lesion"):
+        fit_samples({"good": np.ones(2)}, [1, 1], fit_cases=["c0"])

@@ -1,5 +1,6 @@
 """Tests of jaxvae.metrics: hand-computed examples, sklearn / brute-force agreement, streaming."""
 
+import json
 import math
 
 import numpy as np
@@ -7,7 +8,13 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from jaxvae.errors import ConfigError
-from jaxvae.metrics import Accumulator, evaluate_maps, pixel_metrics, summarize_cases
+from jaxvae.metrics import (
+    Accumulator,
+    MapsAccumulator,
+    evaluate_maps,
+    pixel_metrics,
+    summarize_cases,
+)
 
 
 def brute_best_dice(s, y):
@@ -221,3 +228,41 @@ def test_evaluate_maps_shape_errors():
         evaluate_maps({"m": s}, lesion, brain, ids[:3])
     with pytest.raises(ConfigError, match="brain shape"):
         evaluate_maps({"m": s}, lesion, brain[:2], ids)
+
+
+def test_maps_accumulator_any_batches_equal_evaluate_maps():
+    # interleaved cases (not contiguous) fed in shuffled, uneven batches: the same numbers
+    # as scoring each case on its own, and a case is scored (its buffer dropped) as soon as
+    # its last slice arrives
+    rng = np.random.default_rng(9)
+    s, lesion, brain, ids = make_set(rng)
+    order = rng.permutation(len(ids))
+    ids = ids[order]
+    maps = {"m": s, "sq": s**2}
+    want = evaluate_maps(maps, lesion, brain, ids)
+    acc = MapsAccumulator(["m", "sq"], ids)
+    feed = rng.permutation(len(ids))
+    for part in np.split(feed, [1, 5, 6, 11]):
+        acc.update(part, {k: v[part] for k, v in maps.items()}, lesion[part], brain[part])
+        done = set(ids) - set(ids[feed[feed.tolist().index(part[-1]) + 1:]])
+        assert set(acc._rows["m"]) == done and not done & set(acc._buffer)
+    # healthy case 'h' has NaN metrics: compare the JSON text (NaN == NaN there, and order)
+    assert json.dumps(acc.result()) == json.dumps(want)
+    only = MapsAccumulator(["m"], ids, per_case=False).update(feed[:7], {"m": s[feed[:7]]},
+                                                              lesion[feed[:7]], None)
+    assert only.result() == {"m": {"pooled": pixel_metrics(s[feed[:7]], lesion[feed[:7]])}}
+
+
+def test_maps_accumulator_errors():
+    rng = np.random.default_rng(10)
+    s, lesion, brain, ids = make_set(rng)
+    acc = MapsAccumulator(["m"], ids)
+    with pytest.raises(ConfigError, match=r"maps \['m'\] missing"):
+        acc.update([0], {"x": s[:1]}, lesion[:1])
+    with pytest.raises(ConfigError, match="one slice per index"):
+        acc.update([0, 1], {"m": s[:1]}, lesion[:1])
+    acc.update([0, 1], {"m": s[:2]}, lesion[:2], brain[:2])
+    with pytest.raises(ConfigError, match="not fed completely"):
+        acc.result()
+    with pytest.raises(ConfigError, match="more slices fed"):
+        acc.update([0, 1, 2], {"m": s[:3]}, lesion[:3], brain[:3])

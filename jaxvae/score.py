@@ -77,7 +77,7 @@ def maps(model, params, x, *, policy=None, mesh=None, key=None, combi_group=COMB
     params, x, n, policy = _placed(params, x, policy, mesh)
     model = policy.inference_model(model)
     chunk = policy.chunk_size
-    if "combi" in (kwargs.get("predictors") or "combi"):
+    if chunk > 0 and "combi" in (kwargs.get("predictors") or "combi"):
         chunk = 0 if combi_group <= 0 else max(combi_group, chunk - chunk % combi_group)
     parts = _chunks(x.shape[0], chunk)
     outs = [anomaly_maps(model, params, x[s], combi_group=combi_group, **kwargs,

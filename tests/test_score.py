@@ -99,6 +99,16 @@ def test_cpu_policy_reproduces_the_plain_projection(setup):
     _close(got[1], want[1], "projection map", rel=1e-4)  # 7 Adam steps amplify rounding
 
 
+def test_no_chunks_policy_runs_one_call_whatever_the_combi_group(setup, monkeypatch):
+    model, params, x = setup
+    calls = []
+    real = score.anomaly_maps
+    monkeypatch.setattr(score, "anomaly_maps", lambda m, p, xs, **kw: calls.append(
+        xs.shape[0]) or real(m, p, xs, **kw))
+    score.maps(model, params, x, policy=execution.ACCELERATOR, combi_group=2)
+    assert calls == [6]
+
+
 def test_batches_pad_by_repeating_the_last_index():
     got = [(idx.tolist(), n) for idx, n in score.batches(5, 2)]
     assert got == [([0, 1], 2), ([2, 3], 2), ([4, 4], 1)]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxvae
-from jaxvae.bench import harness
+from jaxvae.bench import agreement, harness, timing
 from jaxvae.predictors import GRADIENT_MAPS
 
 
@@ -21,10 +21,10 @@ def setup():
 
 
 def test_flop_count_matches_the_architecture():
-    macs = harness.model_macs(jaxvae.ConvVAE())
+    macs = timing.model_macs(jaxvae.ConvVAE())
     assert 2 * (macs["E"] + macs["D"]) == pytest.approx(40.9e6, rel=1e-3)
     # the fused maps do half the useful work of three separate grads... plus the shared parts
-    assert harness.op_flops("grad_maps_naive", macs) > 1.9 * harness.op_flops(
+    assert timing.op_flops("grad_maps_naive", macs) > 1.9 * timing.op_flops(
         "grad_maps_fused", macs)
 
 
@@ -132,12 +132,12 @@ def test_agreement_check_passes_and_fails_loudly(setup, torch_ref):
     _, tr, tmodel = torch_ref
     model, params, x = setup
     kw = dict(beta=1.0, sigma=3.0, steps=2, lam=1.0, lr=0.03)
-    errs = harness.check_agreement(model, params, tr, tmodel, x,
+    errs = agreement.check_agreement(model, params, tr, tmodel, x,
                                    ops=("grad_maps_fused", "rec_error", "train_step"), **kw)
     assert "train_step.loss" in errs and max(errs.values()) < 1e-4
     other = jaxvae.init_params(model, jax.random.key(7))
-    with pytest.raises(harness.AgreementError, match="disagrees"):
-        harness.check_agreement(model, other, tr, tmodel, x, ops=("kl_grad",), **kw)
+    with pytest.raises(agreement.AgreementError, match="disagrees"):
+        agreement.check_agreement(model, other, tr, tmodel, x, ops=("kl_grad",), **kw)
 
 
 def test_torch_rows_and_ratios(torch_ref):
@@ -169,7 +169,7 @@ def slice_model():
     params = jaxvae.init_params(model, jax.random.key(0))
     init, step = harness.make_jax_train_step(model, lr=1e-3)
     step, state = jax.jit(step), init(params)
-    x = jnp.asarray(harness._phantom_slices(0)[..., None])
+    x = jnp.asarray(agreement._phantom_slices(0)[..., None])
     for i in range(10):
         params, state, _ = step(params, state, x, jax.random.key(1), i)
     return model, params
@@ -177,7 +177,7 @@ def slice_model():
 
 @pytest.fixture(scope="module")
 def phantom_x():
-    x = harness.agreement_inputs(8, shared_data=None, log=lambda *_: None)["phantom"][0]
+    x = agreement.agreement_inputs(8, shared_data=None, log=lambda *_: None)["phantom"][0]
     return np.asarray(x)
 
 
@@ -189,7 +189,7 @@ def _torch_model(model, params):
 
 def test_agreement_inputs_are_preprocessed_brain_slices(phantom_x, tmp_path):
     logged = []
-    inputs = harness.agreement_inputs(8, shared_data=tmp_path, log=logged.append)
+    inputs = agreement.agreement_inputs(8, shared_data=tmp_path, log=logged.append)
     assert set(inputs) == {"phantom"} and "no real slices" in logged[0]
     assert phantom_x.shape == (8, 64, 64, 1) and phantom_x.dtype == np.float32
     background = (phantom_x == 0).mean(axis=(1, 2, 3))
@@ -205,7 +205,7 @@ def test_jax_maps_equal_torch_reference_on_phantom_slices(slice_model, phantom_x
     for k in jaxvae.PREDICTORS:  # non-degenerate: signal on brain and background alike
         assert float(maps[k][~bg].max()) > 0, k
     assert float(maps["kl_grad"][bg].max()) > 0.1 * float(maps["kl_grad"].max())
-    errs = harness.check_agreement(model, params, tr, tmodel, phantom_x, ops=CHECKED,
+    errs = agreement.check_agreement(model, params, tr, tmodel, phantom_x, ops=CHECKED,
                                    **AGREE_KW)
     assert set(CHECKED) <= set(errs) and max(errs.values()) <= 1e-4, errs
 
@@ -220,10 +220,10 @@ def test_phantom_agreement_catches_the_old_activation(slice_model, phantom_x, mo
         with monkeypatch.context() as m:
             m.setattr(jaxvae.model, "_leaky", lambda h: flax.linen.leaky_relu(h, 0.01))
             jax.clear_caches()  # the compiled maps hold the activation they were traced with
-            errs = harness.check_agreement(model, params, tr, tmodel, phantom_x,
+            errs = agreement.check_agreement(model, params, tr, tmodel, phantom_x,
                                            ops=jaxvae.PREDICTORS, tol=np.inf, **kw)
-            with pytest.raises(harness.AgreementError, match="kl_grad"):
-                harness.check_agreement(model, params, tr, tmodel, phantom_x,
+            with pytest.raises(agreement.AgreementError, match="kl_grad"):
+                agreement.check_agreement(model, params, tr, tmodel, phantom_x,
                                         ops=("kl_grad",), **kw)
     finally:
         jax.clear_caches()
@@ -234,11 +234,11 @@ def test_phantom_agreement_catches_the_old_activation(slice_model, phantom_x, mo
 def test_jax_maps_equal_torch_reference_on_real_slices(slice_model, shared_data):
     model, params = slice_model
     tr, tmodel = _torch_model(model, params)
-    inputs = harness.agreement_inputs(4, shared_data=shared_data, log=lambda *_: None)
+    inputs = agreement.agreement_inputs(4, shared_data=shared_data, log=lambda *_: None)
     assert "real" in inputs and "brats2018_flair/" in inputs["real"][1]
     x = np.asarray(inputs["real"][0])
     assert np.all((x == 0).mean(axis=(1, 2, 3)) > 0.3)
-    errs = harness.check_agreement(model, params, tr, tmodel, {"real": x}, ops=CHECKED,
+    errs = agreement.check_agreement(model, params, tr, tmodel, {"real": x}, ops=CHECKED,
                                    **AGREE_KW)
     assert {f"real/{k}" for k in CHECKED} <= set(errs) and max(errs.values()) <= 1e-4, errs
 

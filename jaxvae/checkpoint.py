@@ -6,10 +6,9 @@ Layout:
   checkpoints/<step>/   orbax: params, opt_state, meta (JSON: format, step, partial epoch sums,
                         data fingerprint, config); the last `keep_checkpoints` are kept
 
-Everything that reads or writes these files is here: the checks before a run starts
-(`check_run_dir`, `prepare_run_dir`), the `RunDir` a training loop saves into, and
-`load_run`. A restore first compares the stored shapes with the config's model, and an
-unreadable checkpoint is a RunError that names it.
+Everything that reads or writes these files is here (`check_run_dir`, `prepare_run_dir`,
+`RunDir`, `load_run`); a restore checks the stored shapes against the config's model, and
+an unreadable checkpoint is a RunError that names it.
 """
 
 import contextlib
@@ -34,9 +33,6 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 _FORMAT = 1
-
-
-# --------------------------------------------------------------------------- config.json
 
 
 def _read_config(run_dir: Path) -> TrainConfig:
@@ -85,9 +81,6 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig | None, *, resume: bool, ove
     if cfg is None:
         raise ConfigError(f"{run_dir}: nothing to resume; pass a TrainConfig to start a run")
     return cfg, False
-
-
-# --------------------------------------------------------------------------- metrics.jsonl
 
 
 def _read_metrics(path: Path, upto_epoch: int) -> list[dict]:
@@ -147,13 +140,16 @@ def abstract_params(model: ConvVAE):
 _QUIET_S = 0.2
 
 
+_UNRETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+
 class _FailedReadNoise(contextlib.AbstractContextManager):
     """Drops the noise of a failed checkpoint read, and only that, while the block runs.
 
     After one read fails, orbax closes its asyncio loop while tensorstore's other reads are
     still running; each then reports RuntimeError('Event loop is closed') as an unraisable
-    traceback on stderr, and asyncio logs "Task exception was never retrieved" (tensorstore's
-    error inside) for the reads that failed too, when their tasks are collected. Nothing
+    traceback on stderr, and asyncio logs "Task (or Future) exception was never retrieved"
+    (tensorstore's error inside) for the reads that failed too, when collected. Nothing
     awaits those reads. On entry this installs an unraisable hook and an asyncio log filter
     that drop exactly these reports and pass everything else on; on exit it puts the
     previous hook back and removes the filter. `settle` keeps a failed read's late reports
@@ -173,7 +169,7 @@ class _FailedReadNoise(contextlib.AbstractContextManager):
     def filter(self, record) -> bool:
         """logging filter: False (drop) for an unretrieved failed tensorstore read."""
         msg = record.getMessage()
-        if msg.startswith("Task exception was never retrieved") and "tensorstore" in msg:
+        if msg.startswith(_UNRETRIEVED) and "tensorstore" in msg:
             self.dropped += 1
             return False
         return True

@@ -18,6 +18,11 @@ from jaxvae.errors import ConfigError
 from jaxvae.model import ConvVAE, decode, encode
 
 PREDICTORS = ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi")
+# Not in the paper: one-signed maps for sequences whose lesions are hyperintense (FLAIR, T2).
+# rec_pos = max(x - x_hat, 0)**2, the positive residual of Baur et al. (2021); rec_grad_pos =
+# the smoothed positive part of the reconstruction-loss gradient, which is > 0 where a
+# brighter pixel costs more, i.e. where the image is brighter than its reconstruction.
+SIGNED_PREDICTORS = ("rec_pos", "rec_grad_pos")
 GRADIENT_MAPS = ("rec_grad", "kl_grad", "elbo_grad")
 
 def gaussian_matrix(size: int, sigma: float):
@@ -75,8 +80,9 @@ def _combi(kl_abs, nll, smooth_sigma, group):
 def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_sigma,
                   combi_group=COMBI_GROUP, reference_kl=False):
     want = set(predictors)
-    need_rec = bool(want & {"rec_error", "rec_grad", "elbo_grad", "combi"})
-    need_rec_grad = bool(want & {"rec_grad", "elbo_grad"})
+    need_rec = bool(want & {"rec_error", "rec_pos", "rec_grad", "elbo_grad", "combi",
+                            "rec_grad_pos"})
+    need_rec_grad = bool(want & {"rec_grad", "elbo_grad", "rec_grad_pos"})
     need_kl_grad = bool(want & {"kl_grad", "elbo_grad", "combi"})
     out = {}
 
@@ -93,13 +99,14 @@ def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_
         x_hat = x_hat.reshape(z.shape[:2] + x.shape[1:])
         nll = jnp.mean(losses.rec_nll(x[None], x_hat), axis=0)
         sq = jnp.mean(losses.squared_error(x[None], x_hat), axis=0)
-        return jnp.sum(nll), (nll, sq)
+        pos = jnp.mean(jnp.square(jnp.maximum(x[None] - x_hat, 0)), axis=0)
+        return jnp.sum(nll), (nll, sq, pos)
 
     if need_rec_grad:
-        _, rec_vjp, (nll, sq) = jax.vjp(rec_loss, mu, log_sigma, x, has_aux=True)
+        _, rec_vjp, (nll, sq, pos) = jax.vjp(rec_loss, mu, log_sigma, x, has_aux=True)
         g_mu, g_ls, g_direct = rec_vjp(jnp.ones((), x.dtype))
     elif need_rec:
-        _, (nll, sq) = rec_loss(mu, log_sigma, x)
+        _, (nll, sq, pos) = rec_loss(mu, log_sigma, x)
 
     if need_kl_grad:
         # reference_kl: the reference code passes sigma where log sigma is expected
@@ -122,6 +129,10 @@ def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_
 
     if "rec_error" in want:
         out["rec_error"] = to_map(sq)
+    if "rec_pos" in want:
+        out["rec_pos"] = to_map(pos)
+    if "rec_grad_pos" in want:
+        out["rec_grad_pos"] = smooth(to_map(jnp.maximum(g_rec, 0)), smooth_sigma)
     if "rec_grad" in want:
         out["rec_grad"] = smooth(to_map(jnp.abs(g_rec)), smooth_sigma)
     if "kl_grad" in want:
@@ -133,10 +144,13 @@ def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_
     return out
 
 
-def check_predictors(predictors, allowed=PREDICTORS) -> tuple[str, ...]:
-    """Validate predictor names; return them as a sorted tuple (a static jit argument)."""
+def check_predictors(predictors, allowed=(*PREDICTORS, *SIGNED_PREDICTORS),
+                     default=PREDICTORS) -> tuple[str, ...]:
+    """Validate predictor names; return them as a sorted tuple (a static jit argument).
+
+    None gives `default` (the paper's five maps)."""
     if predictors is None:
-        return tuple(sorted(allowed))
+        return tuple(sorted(default))
     if isinstance(predictors, str):
         predictors = [p for p in predictors.split(",") if p]
     unknown = sorted(set(predictors) - set(allowed))
@@ -160,7 +174,8 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
       params: its parameters.
       x: (N, 64, 64, 1) float32 pre-processed images.
       beta: weight of the KL term in elbo_grad (the beta of a beta-VAE).
-      predictors: names among PREDICTORS (list, tuple or comma string); None = all five.
+      predictors: names among PREDICTORS and SIGNED_PREDICTORS (list, tuple or comma
+        string); None = the paper's five (PREDICTORS).
       smooth_sigma: Gaussian sigma in pixels for the gradient maps (rec_grad, kl_grad,
         elbo_grad) and the KL factor of combi; 0 disables smoothing. rec_error is never
         smoothed.

@@ -187,3 +187,20 @@ def test_large_batches_are_cut_into_chunks_with_the_same_maps(setup):
                     key=jax.random.key(3), policy=dataclasses.replace(chunks, chunk_size=2),
                     predictors=["rec_grad"])
     assert not np.allclose(mc["rec_grad"][:2], mc["rec_grad"][2:])
+
+
+def test_one_signed_maps_equal_their_definitions(setup):
+    model, params, x = setup
+    maps = jaxvae.anomaly_maps(model, params, x, predictors="rec_pos,rec_grad_pos,rec_error",
+                               smooth_sigma=0.0)
+    mu, _ = jaxvae.encode(model, params, x)
+    r = (x - jaxvae.decode(model, params, mu))[..., 0]
+    assert_maps_close(maps["rec_pos"], np.square(np.maximum(r, 0)), "rec_pos")
+    assert (r < 0).any() and (r > 0).any()  # both signs occur, so the clipping is tested
+    np.testing.assert_array_equal(maps["rec_pos"] <= maps["rec_error"], True)
+    g = jax.grad(lambda x: 0.5 * jnp.sum((x - jaxvae.decode(
+        model, params, jaxvae.encode(model, params, x)[0])) ** 2))(x)[..., 0]
+    assert_maps_close(maps["rec_grad_pos"], np.maximum(g, 0), "rec_grad")
+    assert (np.asarray(maps["rec_grad_pos"]) == 0).mean() > 0.2  # the negative part is cut
+    with pytest.raises(jaxvae.ConfigError, match="rec_neg"):
+        jaxvae.anomaly_maps(model, params, x, predictors="rec_neg")

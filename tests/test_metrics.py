@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from jaxvae import metrics
 from jaxvae.errors import ConfigError
 from jaxvae.metrics import (
+    METRIC_KEYS,
     Accumulator,
+    CaseHist,
     MapsAccumulator,
+    bootstrap_ci,
+    bootstrap_samples,
     evaluate_maps,
     pixel_metrics,
     summarize_cases,
@@ -201,7 +206,10 @@ def test_evaluate_maps_pooled_and_per_case():
         sl = ids == c
         exp = roc_auc_score(lesion[sl].ravel(), s[sl].ravel())
         assert res["per_case"][c]["auroc"] == pytest.approx(exp, abs=1e-3)
-        assert res["per_case"][c] == pixel_metrics(s[sl], lesion[sl], brain[sl])
+        row = res["per_case"][c]
+        assert {k: row[k] for k in METRIC_KEYS} == pixel_metrics(s[sl], lesion[sl], brain[sl])
+        assert row["lesion_pixels"] == lesion[sl].sum() and row["brain_pixels"] == brain[sl].sum()
+        assert set(row) == {*METRIC_KEYS, "lesion_pixels", "brain_pixels"}  # no threshold
     assert math.isnan(res["per_case"]["h"]["auroc"])
     summ = res["per_case_summary"]
     assert summ["auroc"]["n"] == 2  # the healthy case is skipped, not counted as 0
@@ -266,3 +274,238 @@ def test_maps_accumulator_errors():
         acc.result()
     with pytest.raises(ConfigError, match="more slices fed"):
         acc.update([0, 1, 2], {"m": s[:3]}, lesion[:3], brain[:3])
+
+
+def brute_counts(s, y, brain, t):
+    """tp, fp, fn, brain_above, brain of "s >= t", the obvious way."""
+    pred = s >= t
+    return {"tp": int(np.sum(pred & y)), "fp": int(np.sum(pred & ~y)),
+            "fn": int(np.sum(~pred & y)), "brain_above": int(np.sum(pred & brain)),
+            "brain": int(brain.sum())}
+
+
+def brute_dice(c):
+    return 2 * c["tp"] / (2 * c["tp"] + c["fp"] + c["fn"]) if c["tp"] + c["fn"] else math.nan
+
+
+def test_counts_at_bin_edges_equal_brute_force():
+    rng = np.random.default_rng(11)
+    s, y = skewed(rng, 50_000, "rounded")  # heavy ties and exact zeros
+    brain = rng.random(s.size) < 0.5
+    brain[y] = True
+    acc = Accumulator().update(s, y, brain)
+    # bin lower edges: dice_threshold, a quantile, 0, a power of two, -inf, and some pixels'
+    # scores with the 13 low bits (below the 10 kept mantissa bits) cleared
+    low = (s[rng.integers(0, s.size, 5)].view(np.uint32) & ~np.uint32(0x1FFF)).view(np.float32)
+    edges = [acc.result()["dice_threshold"], acc.threshold_at_quantile(0.9), 0.0, 2.0**-5,
+             -math.inf, *low.tolist()]
+    for t in edges:
+        want = brute_counts(s, y, brain, t)
+        assert acc.counts_at(t) == want, t
+        assert acc.dice_at(t) == pytest.approx(brute_dice(want), abs=1e-12)
+    assert acc.dice_at(acc.result()["dice_threshold"]) == pytest.approx(acc.result()["dice_best"])
+    # without a brain mask, "brain" counts all pixels
+    plain = Accumulator().update(s, y).counts_at(2.0**-5)
+    assert plain == brute_counts(s, y, np.ones(s.size, bool), 2.0**-5)
+
+
+def test_counts_at_inside_a_bin_counts_the_whole_bin():
+    # documented: a threshold that is not a bin edge counts its whole bin as >= it
+    s = np.array([1.0, 1.0001, 1.5, 0.5])
+    y = np.array([1, 0, 1, 0])
+    c = Accumulator().update(s, y).counts_at(1.0002)  # same bin as 1.0 and 1.0001
+    assert (c["tp"], c["fp"], c["fn"]) == (2, 1, 0)
+    assert brute_counts(s, y == 1, np.ones(4, bool), 1.0002)["tp"] == 1  # the exact answer
+    with pytest.raises(ConfigError, match="NaN"):
+        Accumulator().update(s, y).counts_at(math.nan)
+
+
+def test_threshold_at_quantile_flags_the_right_fraction():
+    rng = np.random.default_rng(12)
+    s = rng.lognormal(0.0, 1.5, 100_000).astype(np.float32)
+    brain = rng.random(s.size) < 0.6
+    s[~brain] *= 10  # outside the brain is different: the quantile must ignore it
+    acc = Accumulator().update(s, np.zeros(s.size, bool), brain)
+    sb = s[brain]
+    for q in (0.5, 0.9, 0.99):
+        t = acc.threshold_at_quantile(q)
+        # at most 1 - q flagged at t, more at the next lower bin edge (t is positive here)
+        assert np.sum(sb >= t) <= (1 - q) * sb.size < np.sum(sb >= t * (1 - 2**-10))
+        assert t == pytest.approx(np.quantile(sb, q), rel=2e-3)
+        assert acc.counts_at(t)["brain_above"] == np.sum(sb >= t)  # an edge: exact
+    plain = Accumulator().update(s, np.zeros(s.size, bool))  # no mask: all pixels
+    t = plain.threshold_at_quantile(0.99)
+    assert np.sum(s >= t) <= 0.01 * s.size < np.sum(s >= t * (1 - 2**-10))
+    assert acc.threshold_at_quantile(0.0) == -math.inf
+    assert acc.counts_at(acc.threshold_at_quantile(1.0))["brain_above"] == 0
+    with pytest.raises(ConfigError, match="quantile"):
+        acc.threshold_at_quantile(1.5)
+    with pytest.raises(ConfigError, match="no .*pixels"):
+        Accumulator().threshold_at_quantile(0.5)
+
+
+def test_maps_accumulator_thresholds_per_case_and_pooled():
+    rng = np.random.default_rng(13)
+    s, lesion, brain, ids = make_set(rng)
+    t_m = pixel_metrics(s, lesion, brain)["dice_threshold"]  # a bin edge
+    maps = {"m": s, "sq": s**2, "plain": -s}
+    thr = {"m": t_m, "sq": 2.0}
+    acc = MapsAccumulator(list(maps), ids, thresholds=thr)
+    for part in np.split(rng.permutation(len(ids)), [5]):
+        acc.update(part, {k: v[part] for k, v in maps.items()}, lesion[part], brain[part])
+    res = acc.result()
+    for name, t in thr.items():
+        for c in "ach":
+            sl = ids == c
+            want = brute_counts(maps[name][sl], lesion[sl], brain[sl], t)
+            row = res[name]["per_case"][c]
+            assert {k: row[k] for k in ("tp", "fp", "fn")} == {k: want[k] for k in
+                                                                ("tp", "fp", "fn")}
+            np.testing.assert_allclose(row["dice_val"], brute_dice(want), atol=1e-12)
+            assert row["frac_above"] == pytest.approx(want["brain_above"] / want["brain"])
+            assert row["lesion_pixels"] == lesion[sl].sum() and row["brain_pixels"] == 144
+        want = brute_counts(maps[name], lesion, brain, t)
+        pooled = res[name]["pooled"]
+        assert pooled["dice_val"] == pytest.approx(brute_dice(want), abs=1e-12)
+        assert pooled["frac_above"] == pytest.approx(want["brain_above"] / want["brain"])
+        assert 0 < pooled["dice_val"] < 1 and 0 < pooled["frac_above"] < 1  # not trivial
+    assert math.isnan(res["m"]["per_case"]["h"]["dice_val"])  # healthy: no Dice
+    summ = res["m"]["per_case_summary"]
+    assert summ["dice_val"]["n"] == 2 and summ["frac_above"]["n"] == 3
+    rows = res["m"]["per_case"]
+    assert summ["dice_val"]["mean"] == pytest.approx((rows["a"]["dice_val"]
+                                                      + rows["c"]["dice_val"]) / 2)
+    # a map without a threshold gets none of the threshold keys
+    assert "dice_val" not in res["plain"]["pooled"] and "tp" not in res["plain"]["per_case"]["a"]
+    assert "dice_val" not in res["plain"]["per_case_summary"]
+    with pytest.raises(ConfigError, match="not among"):
+        MapsAccumulator(["m"], ids, thresholds={"x": 1.0})
+    with pytest.raises(ConfigError, match="NaN"):
+        MapsAccumulator(["m"], ids, thresholds={"m": math.nan})
+
+
+def test_case_hist_rebins_exactly():
+    # bins nest: re-binning a 10-bit histogram to 7 bits equals binning at 7 bits directly
+    rng = np.random.default_rng(14)
+    s, y = skewed(rng, 20_000, "lognormal")
+    s[:50] = -s[:50]
+    b = rng.random(s.size) < 0.5
+    h = CaseHist.from_accumulator(Accumulator().update(s, y, b), bits=7, threshold=1.0)
+    a7 = Accumulator(mantissa_bits=7).update(s, y, b)
+    both = np.concatenate([a7.counts, a7.counts_brain], 1)
+    nz = np.flatnonzero(both.any(1))
+    assert np.array_equal(h.bins, nz) and np.array_equal(h.counts, both[nz])
+    assert h.nbytes == 20 * nz.size < 100_000 and h.has_brain
+    assert h.at_threshold == Accumulator().update(s, y, b).counts_at(1.0)  # exact, not coarse
+
+
+def _auc(y, s):
+    return roc_auc_score(y, s) if 0 < y.sum() < y.size else math.nan
+
+
+def test_bootstrap_matches_direct_resampling(monkeypatch):
+    # powers of two: no two different scores share a (coarse) bin, so every resample's
+    # metrics equal sklearn's on the drawn cases' pixels
+    rng = np.random.default_rng(15)
+    cases = []
+    for c in range(5):
+        s = (2.0 ** rng.integers(-6, 6, 30)).astype(np.float32)
+        y = rng.random(30) < 0.3
+        y[:2], y[2] = c < 4, False  # case 4 is healthy
+        brain = rng.random(30) < 0.7
+        brain[y] = True
+        cases.append((s, y, brain))
+    t = 4.0
+    hists = [CaseHist.from_accumulator(Accumulator().update(*c), 7, t) for c in cases]
+    n_boot, seed = 300, 5
+    picks = np.random.default_rng(seed).integers(0, 5, size=(n_boot, 5))
+    want = {k: [] for k in ("auroc", "auroc_brain", "auprc", "dice_best", "dice_val",
+                            "frac_above")}
+    for pk in picks:
+        s, y, b = (np.concatenate([cases[i][j] for i in pk]) for j in range(3))
+        has = y.any()
+        want["auroc"].append(_auc(y, s))
+        want["auroc_brain"].append(_auc(y[b], s[b]))
+        want["auprc"].append(average_precision_score(y, s) if has else math.nan)
+        want["dice_best"].append(fast_best_dice(s, y) if has else math.nan)
+        want["dice_val"].append(brute_dice(brute_counts(s, y, b, t)))
+        want["frac_above"].append(np.mean(s[b] >= t))
+    samples = bootstrap_samples(hists, n_boot, seed)
+    got = bootstrap_ci(hists, n_boot, seed)
+    assert set(samples) == set(got) == set(want)
+    for k, v in want.items():
+        v = np.array(v)
+        np.testing.assert_allclose(samples[k], v, atol=1e-9, err_msg=k)
+        exp = np.percentile(v[~np.isnan(v)], [2.5, 97.5])
+        np.testing.assert_allclose(got[k], exp, atol=1e-9, err_msg=k)
+        assert got[k][0] < got[k][1], k  # a real interval
+    # chunks of resamples (7 at a time: 300 = 42 * 7 + 6) give the same values as one chunk
+    n_bins = np.unique(np.concatenate([h.bins for h in hists])).size
+    monkeypatch.setattr(metrics, "_BOOT_CHUNK", 7 * n_bins)
+    chunked = bootstrap_samples(hists, n_boot, seed)
+    assert all(np.array_equal(chunked[k], samples[k], equal_nan=True) for k in samples)
+    # the same through MapsAccumulator: one slice per case, cases in sorted id order
+    ids = np.array([f"c{i}" for i in range(5)])
+    acc = MapsAccumulator(["m"], ids, thresholds={"m": t})
+    acc.update(np.arange(5), {"m": np.stack([c[0] for c in cases]).reshape(5, 5, 6)},
+               np.stack([c[1] for c in cases]).reshape(5, 5, 6),
+               np.stack([c[2] for c in cases]).reshape(5, 5, 6))
+    pooled = acc.result(n_boot=n_boot, seed=seed)["m"]["pooled"]
+    assert pooled["ci"] == got
+    assert pooled["ci"]["auroc"][0] <= pooled["auroc"] <= pooled["ci"]["auroc"][1]
+
+
+def test_bootstrap_edge_cases():
+    rng = np.random.default_rng(16)
+    s, lesion, brain, ids = make_set(rng)
+    one = ids == "a"
+    acc = MapsAccumulator(["m"], ids[one], thresholds={"m": 2.0})
+    acc.update(np.arange(4), {"m": s[one]}, lesion[one], brain[one])
+    ci = acc.result(n_boot=20)["m"]["pooled"]["ci"]
+    assert set(ci) == {"auroc", "auroc_brain", "auprc", "dice_best", "dice_val", "frac_above"}
+    assert all(math.isnan(lo) and math.isnan(hi) for lo, hi in ci.values())  # one case
+    assert "ci" not in acc.result()["m"]["pooled"]  # n_boot=0: no interval
+    healthy = [CaseHist.from_accumulator(Accumulator().update(s[ids == "h"], lesion[ids == "h"],
+                                                              brain[ids == "h"]), 7, 2.0)] * 3
+    ci = bootstrap_ci(healthy, 50)
+    assert math.isnan(ci["dice_val"][0]) and math.isnan(ci["auroc"][1])  # no lesion anywhere
+    assert 0 < ci["frac_above"][0] <= ci["frac_above"][1] < 1  # but a false-positive rate
+    no_thr = bootstrap_ci([CaseHist.from_accumulator(Accumulator().update(s, lesion))] * 2, 10)
+    assert "dice_val" not in no_thr and math.isnan(no_thr["auroc_brain"][0])
+    with pytest.raises(ConfigError, match="per_case=True"):
+        MapsAccumulator(["m"], ids, per_case=False).result(n_boot=10)
+    with pytest.raises(ConfigError, match="ci_bits"):
+        MapsAccumulator(["m"], ids, ci_bits=None).result(n_boot=10)
+    with pytest.raises(ConfigError, match="level"):
+        bootstrap_ci(healthy, 10, level=95)
+    with pytest.raises(ConfigError, match="n_boot"):
+        bootstrap_ci(healthy, 0)
+
+
+def test_merged_accumulators_of_disjoint_cases_equal_one():
+    # e.g. the folds of a cross-validation, each with its own accumulator, pooled afterwards
+    rng = np.random.default_rng(17)
+    s, lesion, brain, ids = make_set(rng)
+    maps = {"m": s, "sq": s**2}
+    thr = {"m": 2.0}
+    whole = MapsAccumulator(list(maps), ids, thresholds=thr)
+    whole.update(np.arange(len(ids)), maps, lesion, brain)
+    folds = []
+    for fold in (["a", "h"], ["c"]):
+        sel = np.flatnonzero(np.isin(ids, fold))
+        acc = MapsAccumulator(list(maps), ids[sel], thresholds=thr)
+        folds.append(acc.update(np.arange(sel.size), {k: v[sel] for k, v in maps.items()},
+                                lesion[sel], brain[sel]))
+    merged = folds[0].merge(folds[1])
+    assert json.dumps(merged.result(n_boot=100, seed=2)) == json.dumps(
+        whole.result(n_boot=100, seed=2))
+    assert merged.result()["m"]["pooled"]["dice_val"] == whole.result()["m"]["pooled"]["dice_val"]
+    # evaluate_maps passes thresholds and n_boot through
+    ev = evaluate_maps(maps, lesion, brain, ids, thresholds=thr, n_boot=100, seed=2)
+    assert json.dumps(ev) == json.dumps(whole.result(n_boot=100, seed=2))
+    with pytest.raises(ConfigError, match="share cases"):
+        MapsAccumulator(list(maps), ids, thresholds=thr).merge(whole)
+    with pytest.raises(ConfigError, match="different thresholds"):
+        MapsAccumulator(list(maps), ids[:1]).merge(folds[1])
+    with pytest.raises(ConfigError, match="not among"):
+        evaluate_maps(maps, lesion, brain, ids, thresholds={"x": 1.0})

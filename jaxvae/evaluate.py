@@ -4,14 +4,18 @@ Maps come from the jitted scoring functions in fixed-size batches (the last batc
 repeating real slices, so one compiled shape serves all and combi's batch min-max is not
 changed by padding). Scoring streams: each batch's maps (and the intensity baseline, the
 post-processed maps, the ensembles' predictions) go straight into streaming histogram
-accumulators (jaxvae.metrics), so memory is bounded by a batch, not by the test set; only
-the ensemble's fit pixels (at most 200k values per feature) are kept between passes.
+accumulators (jaxvae.metrics), so memory is bounded by a batch, not by the test set.
+Nothing is chosen on test labels: the thresholds of "Dice (val. threshold)" and the
+ensembles are fitted on the validation cases (`calibrate`); the oracle best Dice is
+reported beside it, labelled as such. Intervals are 95 % bootstrap intervals over cases.
 Metrics follow REFERENCE.md §5: pooled pixel AUROC (the paper's protocol) plus AUROC
 inside the brain, AUPRC and best Dice, where a method shows that it localises more than
 the image intensity already shows.
 """
 
+import csv
 import dataclasses
+import io
 import json
 import math
 
@@ -19,19 +23,24 @@ import numpy as np
 import scipy.ndimage as ndi
 from tqdm.auto import tqdm
 
-from jaxvae.ensemble import fit_pixels, fit_samples
+from jaxvae.ensemble import fit_samples
 from jaxvae.errors import ConfigError
-from jaxvae.io import all_or_nothing, write_text
-from jaxvae.metrics import MapsAccumulator
-from jaxvae.predictors import PREDICTORS, check_predictors
+from jaxvae.io import all_or_nothing, markdown_table, write_text
+from jaxvae.metrics import Accumulator, MapsAccumulator
+from jaxvae.predictors import PREDICTORS, SIGNED_PREDICTORS, check_predictors
 
-ALL_PREDICTORS = (*PREDICTORS, "proj_rec_error")
+ALL_PREDICTORS = (*PREDICTORS, "proj_rec_error")  # the paper's: the default
+KNOWN_PREDICTORS = (*ALL_PREDICTORS, *SIGNED_PREDICTORS)
 ENSEMBLE_FEATURES = ("rec_error", "kl_grad", "rec_grad")
-# table order: the paper's predictors, then the baseline and the ensembles
+# with the one-signed maps computed: an intensity-aware ensemble of them
+SIGNED_ENSEMBLE_FEATURES = ("rec_pos", "rec_grad_pos", "kl_grad", "intensity")
+MAX_FIT_PIXELS = 200_000  # brain pixels of the validation cases an ensemble is fitted on
+# table order: the paper's predictors, the one-signed maps, the baseline and the ensembles
 ROW_ORDER = ("rec_error", "elbo_grad", "kl_grad", "rec_grad", "combi", "proj_rec_error",
-             "intensity", "ensemble", "ensemble+intensity")
+             "rec_pos", "rec_grad_pos", "intensity", "ensemble", "ensemble+intensity",
+             "ensemble_signed+intensity")
 METRIC_COLUMNS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
-                  ("dice_best", "best Dice"))
+                  ("dice_val", "Dice (val. threshold)"), ("dice_best", "best Dice (oracle)"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +48,7 @@ class EvalSettings:
     """How maps are computed and scored (saved into results.json).
 
     Attributes:
-      predictors: maps to compute, among ALL_PREDICTORS.
+      predictors: maps to compute, among KNOWN_PREDICTORS (default: the paper's).
       batch_size: slices per compiled call.
       smooth_sigma: Gaussian sigma (pixels) for the gradient maps; 0 = off.
       combi_group: combi's |kl_grad| is min-max normalised over consecutive groups of this
@@ -48,7 +57,10 @@ class EvalSettings:
       n_samples, seed: Monte-Carlo z (0 = z is mu) and its key.
       proj_steps, proj_lam, proj_lr: Proj-Rec-Error (Adam steps on x, L1 weight, lr).
       ensemble: fit the logistic-regression ensemble on ENSEMBLE_FEATURES (+ intensity
-        when `ensemble_intensity`), on `fit_fraction` of the cases.
+        when `ensemble_intensity`) on the validation cases (when they have lesions).
+      val_quantile: with healthy validation cases, each map's threshold is this quantile of
+        its values on their brain pixels (0.99: 1 % of healthy brain pixels flagged).
+      n_boot: bootstrap resamples of the cases for the 95 % intervals (0: none).
       postprocess: also score each map multiplied by the eroded brain mask and median
         filtered (Baur et al. 2021), as rows "<name>+pp".
     """
@@ -64,34 +76,29 @@ class EvalSettings:
     proj_lr: float = 0.03
     ensemble: bool = True
     ensemble_intensity: bool = True
-    fit_fraction: float = 0.1
+    val_quantile: float = 0.99
+    n_boot: int = 1000
     postprocess: bool = False
 
 
-def _map_batches(model, params, images, *, beta=1.0, settings=EvalSettings(), only=None,
-                 projection=True, progress=False, desc="scoring"):
+def _map_batches(model, params, images, *, beta=1.0, settings=EvalSettings(), progress=False,
+                 desc="scoring"):
     """Yield (rows, {name: (n, 64, 64) float32 map}) per batch of `score.batches`, in order.
 
     Args:
       model, params, images, beta, settings: as `compute_maps`.
-      only: batch numbers to compute (None: all). The others are skipped, not renumbered:
-        every batch holds the same slices and Monte-Carlo key whichever are computed, so
-        its maps (combi's batch min-max included) are the same.
-      projection: also Proj-Rec-Error when requested (False: the cheap maps only).
       progress, desc: progress bar.
     """
     import jax  # keeps `import jaxvae.evaluate` light for tools that only read results
 
     from jaxvae import execution, score
 
-    wanted = check_predictors(settings.predictors, ALL_PREDICTORS)
-    grad_preds = tuple(p for p in wanted if p in PREDICTORS)
+    wanted = check_predictors(settings.predictors, KNOWN_PREDICTORS)
+    grad_preds = tuple(p for p in wanted if p != "proj_rec_error")
     policy = execution.current()
     key = jax.random.key(settings.seed)
-    todo = [(b, idx, n) for b, (idx, n) in enumerate(score.batches(len(images),
-                                                                   settings.batch_size))
-            if only is None or b in only]
-    for b, idx, n in tqdm(todo, desc=desc, disable=not progress, unit="batch"):
+    todo = list(enumerate(score.batches(len(images), settings.batch_size)))
+    for b, (idx, n) in tqdm(todo, desc=desc, disable=not progress, unit="batch"):
         x = np.asarray(images[idx], np.float32)[..., None]
         out = {}
         if grad_preds:
@@ -100,7 +107,7 @@ def _map_batches(model, params, images, *, beta=1.0, settings=EvalSettings(), on
                               n_samples=settings.n_samples, combi_group=settings.combi_group,
                               key=jax.random.fold_in(key, b) if settings.n_samples else None)
             out.update({name: np.asarray(m)[:n] for name, m in maps.items()})
-        if "proj_rec_error" in wanted and projection:
+        if "proj_rec_error" in wanted:
             _, m = score.project(model, params, x, policy=policy, lam=settings.proj_lam,
                                  steps=settings.proj_steps, lr=settings.proj_lr)
             out["proj_rec_error"] = np.asarray(m)[:n]
@@ -123,7 +130,7 @@ def compute_maps(model, params, images, *, beta=1.0, settings=EvalSettings(), pr
       {name: (S, 64, 64) float32 numpy map}.
     """
     images = np.asarray(images, np.float32)
-    wanted = check_predictors(settings.predictors, ALL_PREDICTORS)
+    wanted = check_predictors(settings.predictors, KNOWN_PREDICTORS)
     out = {p: np.empty(images.shape, np.float32) for p in wanted}
     for rows, maps in _map_batches(model, params, images, beta=beta, settings=settings,
                                    progress=progress):
@@ -148,19 +155,19 @@ def postprocess_maps(maps, brain, *, erode=3, median=5):
     return ndi.median_filter(maps * inner, size=(1, median, median)).astype(np.float32)
 
 
-def score_dataset(model, params, slices, *, beta=1.0, settings=EvalSettings(), progress=False,
-                  keep=None):
+def score_dataset(model, params, slices, *, val=None, beta=1.0, settings=EvalSettings(),
+                  progress=False, keep=None):
     """Metrics of every predictor, the intensity baseline and the ensemble, streamed.
 
-    Each batch's maps go straight into the metric accumulators (pooled and per case), so
-    memory is bounded by a batch, not by the number of slices: first the maps of the
-    batches holding the ensemble's fit pixels are computed (the cheap maps only) and the
-    fit pixels' values kept, the ensemble is fitted, then every batch is scored once. The
-    results equal those of `compute_maps` + `score_maps`.
+    First the validation slices are scored in memory (they are a few cases) and `calibrate`
+    fits the thresholds and the ensemble on them; then each test batch's maps go straight
+    into the metric accumulators (pooled and per case), so memory is bounded by a batch,
+    not by the number of test slices. Nothing is fitted on the test slices.
 
     Args:
       model, params, beta: the trained model.
       slices: a SliceSet (images, brain, lesion, case_ids) of test slices.
+      val: SliceSet of the validation cases (None or empty: no threshold, no ensemble).
       settings: EvalSettings.
       progress: show progress bars.
       keep: the slices whose maps to return: None = all (memory grows with S), or an
@@ -169,25 +176,32 @@ def score_dataset(model, params, slices, *, beta=1.0, settings=EvalSettings(), p
     Returns:
       (results dict as written to results.json, {name: (K, 64, 64) map} of the K kept
       slices in `keep` order, for every row: predictors, "intensity", "<name>+pp",
-      "ensemble"... (the ensembles 0 on their fit cases)).
+      "ensemble"...).
     """
-    names = check_predictors(settings.predictors, ALL_PREDICTORS)
+    names = check_predictors(settings.predictors, KNOWN_PREDICTORS)
     images = np.asarray(slices.images, np.float32)
+    cal = Calibration()
+    if val is not None and len(val):
+        cal = calibrate(compute_maps(model, params, val.images, beta=beta, settings=settings,
+                                     progress=progress), val, settings)
 
-    def batches(**kw):
-        return _map_batches(model, params, images, beta=beta, settings=settings, **kw)
+    def batches(progress=False):
+        return _map_batches(model, params, images, beta=beta, settings=settings,
+                            progress=progress)
 
-    return _score(batches, names, slices, beta=beta, settings=settings, keep=keep,
+    return _score(batches, names, slices, cal, beta=beta, settings=settings, keep=keep,
                   progress=progress)
 
 
-def score_maps(maps, slices, *, beta=1.0, settings=EvalSettings()):
+def score_maps(maps, slices, *, val_maps=None, val=None, beta=1.0, settings=EvalSettings()):
     """Metrics of precomputed maps (plus intensity baseline, post-processing, ensemble).
 
     Args:
       maps: {name: (S, 64, 64)} from `compute_maps`; rows are added to it in place
         ("intensity", "<name>+pp", "ensemble"...), so callers can draw them.
       slices: the SliceSet the maps belong to.
+      val_maps, val: maps of the validation slices and their SliceSet (None: no
+        calibration).
 
     Returns:
       the results dict written to results.json.
@@ -195,27 +209,104 @@ def score_maps(maps, slices, *, beta=1.0, settings=EvalSettings()):
     from jaxvae import score
 
     names = [k for k in maps if k != "intensity"]
+    cal = Calibration() if val is None or not len(val) else calibrate(dict(val_maps), val,
+                                                                        settings)
 
-    def batches(only=None, projection=True, progress=False, desc=None):
-        for b, (idx, n) in enumerate(score.batches(len(slices.images), settings.batch_size)):
-            if only is None or b in only:
-                yield idx[:n], {k: np.asarray(maps[k][idx[:n]], np.float32) for k in names}
+    def batches(progress=False):
+        for idx, n in score.batches(len(slices.images), settings.batch_size):
+            yield idx[:n], {k: np.asarray(maps[k][idx[:n]], np.float32) for k in names}
 
-    results, rows = _score(batches, names, slices, beta=beta, settings=settings,
+    results, rows = _score(batches, names, slices, cal, beta=beta, settings=settings,
                            keep_names=lambda k: k not in names)
     maps.update(rows)
     return results
 
 
-def _score(batches, names, slices, *, beta, settings, keep=None, keep_names=None,
+@dataclasses.dataclass
+class Calibration:
+    """What is fitted on the validation cases: thresholds and ensembles.
+
+    Attributes:
+      thresholds: {row: score threshold} (a pixel is called lesion where score >= it).
+      ensembles: {"ensemble" / "ensemble+intensity": Ensemble} (only with val lesions).
+      method: "val_best_dice" (the threshold of best Dice on the validation cases, which
+        have lesions), "val_quantile" (`settings.val_quantile` of the validation maps inside
+        the brain: healthy validation cases) or "none" (no validation cases).
+      val_cases: the validation case IDs.
+      val_results: pooled metrics of every row on the validation cases.
+    """
+
+    thresholds: dict = dataclasses.field(default_factory=dict)
+    ensembles: dict = dataclasses.field(default_factory=dict)
+    method: str = "none"
+    val_cases: tuple = ()
+    val_results: dict = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "val_cases": list(self.val_cases),
+                "thresholds": self.thresholds, "val_pooled": self.val_results,
+                "ensemble_weights": {k: e.to_json() for k, e in self.ensembles.items()}}
+
+
+def _rows_of(maps, slices, settings):
+    """The maps plus the intensity baseline and (when asked) the post-processed rows."""
+    maps = {**maps, "intensity": np.asarray(slices.images, np.float32)}  # Meissen et al. 2021
+    if settings.postprocess:
+        maps.update({f"{name}+pp": postprocess_maps(maps[name], slices.brain)
+                     for name in list(maps)})
+    return maps
+
+
+def calibrate(val_maps, val, settings=EvalSettings()) -> Calibration:
+    """Fit thresholds (and, where the validation cases have lesions, the ensembles) on them.
+
+    Args:
+      val_maps: {name: (V, 64, 64)} maps of the validation slices.
+      val: their SliceSet.
+      settings: EvalSettings (ensemble switches, val_quantile, seed).
+    """
+    maps = _rows_of(val_maps, val, settings)
+    ensembles = {}
+    has_lesion = bool(val.lesion.any())
+    feats = [f for f in ENSEMBLE_FEATURES if f in maps]
+    if has_lesion and settings.ensemble and len(feats) == len(ENSEMBLE_FEATURES):
+        variants = {"ensemble": feats}
+        if settings.ensemble_intensity:
+            variants["ensemble+intensity"] = [*feats, "intensity"]
+            if all(f in maps for f in SIGNED_ENSEMBLE_FEATURES):
+                variants["ensemble_signed+intensity"] = list(SIGNED_ENSEMBLE_FEATURES)
+        idx = np.flatnonzero(val.brain.reshape(-1))
+        rng = np.random.default_rng(settings.seed)
+        if idx.size > MAX_FIT_PIXELS:
+            idx = np.sort(rng.choice(idx, size=MAX_FIT_PIXELS, replace=False))
+        y = val.lesion.reshape(-1)[idx]
+        for name, fs in variants.items():
+            ensembles[name] = fit_samples({f: maps[f].reshape(-1)[idx] for f in fs}, y,
+                                          fit_cases=val.cases,
+                                          log_features=[f for f in fs if f != "intensity"])
+            maps[name] = ensembles[name].predict({f: maps[f] for f in fs})
+    pooled = {name: Accumulator().update(m, val.lesion, val.brain) for name, m in maps.items()}
+    if has_lesion:
+        thresholds = {k: a.result()["dice_threshold"] for k, a in pooled.items()}
+        method = "val_best_dice"
+    else:
+        thresholds = {k: a.threshold_at_quantile(settings.val_quantile)
+                      for k, a in pooled.items()}
+        method = "val_quantile"
+    return Calibration(thresholds=thresholds, ensembles=ensembles, method=method,
+                       val_cases=tuple(val.cases),
+                       val_results={k: a.result() for k, a in pooled.items()})
+
+
+def _score(batches, names, slices, cal, *, beta, settings, keep=None, keep_names=None,
            progress=False):
     """Stream the maps of `batches` into the metrics of every row (see `score_dataset`).
 
     Args:
-      batches: callable(only=None, projection=True, progress=False, desc=...) yielding
-        (rows, {name: (n, 64, 64) map}) for the consecutive batches of
-        `score.batches(S, settings.batch_size)`; batch b holds slices b*batch_size...
+      batches: callable(progress=False) yielding (rows, {name: (n, 64, 64) map}) for
+        consecutive batches of the slices.
       names: the map names `batches` yields, in row order.
+      cal: the Calibration fitted on the validation cases.
       keep: slices whose maps to return (see `score_dataset`); keep_names: a predicate on
         the row names to return (None: all).
     """
@@ -224,12 +315,9 @@ def _score(batches, names, slices, *, beta, settings, keep=None, keep_names=None
     rows = [*names, "intensity"]
     if settings.postprocess:
         rows += [f"{name}+pp" for name in rows]
-    ensembles, variants = _fit_ensembles(batches, names, slices, settings, progress)
-    singles = list(dict.fromkeys(f for fs in variants.values() for f in fs))
-    test = np.isin(case_ids, ensembles[next(iter(ensembles))].test_cases) if ensembles else None
-    pixels = MapsAccumulator(rows, case_ids)
-    held_out = MapsAccumulator([*ensembles, *singles], case_ids, per_case=False)
-
+    rows += list(cal.ensembles)
+    pixels = MapsAccumulator(rows, case_ids,
+                             thresholds={k: t for k, t in cal.thresholds.items() if k in rows})
     keep = np.arange(len(images)) if keep is None else np.asarray(keep)
     if keep.dtype == bool:
         if keep.shape != (len(images),):
@@ -241,80 +329,27 @@ def _score(batches, names, slices, *, beta, settings, keep=None, keep_names=None
         raise ConfigError("keep holds a slice twice; give each slice index once")
     pos = np.full(len(images), -1)
     pos[keep] = np.arange(keep.size)
-    kept = {k: np.zeros((keep.size, *images.shape[1:]), np.float32) for k in [*rows, *ensembles]
+    kept = {k: np.zeros((keep.size, *images.shape[1:]), np.float32) for k in rows
             if keep_names is None or keep_names(k)}
 
-    for r, maps in batches(progress=progress, desc="scoring"):
-        maps = {**maps, "intensity": images[r]}  # Meissen et al. 2021 baseline
-        if settings.postprocess:
-            maps.update({f"{name}+pp": postprocess_maps(maps[name], brain[r])
-                         for name in list(maps)})
+    for r, maps in batches(progress=progress):
+        maps = _rows_of(maps, slices.subset(r), settings)
+        for name, e in cal.ensembles.items():
+            maps[name] = e.predict({f: maps[f] for f in e.feature_names})
         pixels.update(r, maps, lesion[r], brain[r])
-        if ensembles:
-            t = test[r]
-            for name in ensembles:
-                maps[name] = np.zeros(lesion[r].shape, np.float32)  # 0 on the fit cases
-            if t.any():
-                singles_t = {f: maps[f][t] for f in singles}
-                # the ensembles on the held-out cases, and the single maps on the same cases
-                # for a like-for-like comparison
-                preds = {name: e.predict(singles_t) for name, e in ensembles.items()}
-                held_out.update(r[t], {**preds, **singles_t}, lesion[r][t], brain[r][t])
-                for name, pred in preds.items():
-                    maps[name][t] = pred
         k = pos[r]
         for name, out in kept.items():
             out[k[k >= 0]] = maps[name][k >= 0]
 
-    scored = pixels.result()
+    scored = pixels.result(n_boot=settings.n_boot, seed=settings.seed)
     results = {"n_cases": len(np.unique(case_ids)), "n_slices": int(len(images)),
                "n_lesion_pixels": int(np.sum(lesion)),
                "settings": dataclasses.asdict(settings), "beta": float(beta),
+               "calibration": cal.to_json(),
                "predictors": {name: {**r["pooled"], "per_case": r["per_case_summary"]}
-                              for name, r in scored.items()}}
-    if ensembles:
-        scored = held_out.result()
-        results["ensemble"] = {
-            name: {**scored[name]["pooled"], "weights": e.to_json(),
-                   "singles_on_test_cases": {f: scored[f]["pooled"] for f in variants[name]}}
-            for name, e in ensembles.items()}
+                              for name, r in scored.items()},
+               "per_case": {name: r["per_case"] for name, r in scored.items()}}
     return results, kept
-
-
-def _fit_ensembles(batches, names, slices, settings, progress):
-    """Fit the ensemble(s) on fit_fraction of the cases, from their fit pixels' values only.
-
-    Returns:
-      ({name: Ensemble}, {name: feature names}); empty when the ensemble is off or a
-      feature map is not computed.
-    """
-    feats = [f for f in ENSEMBLE_FEATURES if f in names]
-    if not (settings.ensemble and len(feats) == len(ENSEMBLE_FEATURES)):
-        return {}, {}
-    variants = {"ensemble": feats}
-    if settings.ensemble_intensity:
-        variants["ensemble+intensity"] = [*feats, "intensity"]
-    images, lesion = slices.images, slices.lesion
-    fit_ids, test_ids, index = fit_pixels(slices.case_ids, images.shape,
-                                          fit_fraction=settings.fit_fraction,
-                                          seed=settings.seed, brain=slices.brain)
-    hw = images.shape[1] * images.shape[2]
-    samples = {f: np.empty(index.size, np.float32) for f in feats}
-    only = set(np.unique(index // hw // settings.batch_size).tolist())
-    filled = 0
-    for r, maps in batches(only=only, projection="proj_rec_error" in feats,
-                           progress=progress, desc="ensemble fit maps"):
-        lo, hi = np.searchsorted(index, [r[0] * hw, (r[-1] + 1) * hw])
-        for f in feats:
-            samples[f][lo:hi] = maps[f].reshape(-1)[index[lo:hi] - r[0] * hw]
-        filled += hi - lo
-    assert filled == index.size, "the fit batches must cover every fit pixel"
-    samples["intensity"] = images.reshape(-1)[index]
-    y = lesion.reshape(-1)[index]
-    ensembles = {name: fit_samples({f: samples[f] for f in fs}, y, fit_cases=fit_ids,
-                                   test_cases=test_ids, log_features=feats)  # the maps >= 0
-                 for name, fs in variants.items()}
-    return ensembles, variants
 
 
 def row_order(name):
@@ -324,36 +359,76 @@ def row_order(name):
             name.endswith("+pp"), name)
 
 
-def _fmt(v):
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+def _fmt(v, ci=None):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if ci is None or any(c is None or math.isnan(c) for c in ci):
+        return f"{v:.3f}"
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def results_table(results, paper=None) -> str:
-    """Markdown table of a results dict; `paper` optionally maps predictor -> paper AUROC."""
-    cols = [label for _, label in METRIC_COLUMNS] + (["paper AUROC"] if paper else [])
-    lines = ["| predictor | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    rows = dict(results["predictors"])
-    rows.update(results.get("ensemble", {}))
-    for name, r in sorted(rows.items(), key=lambda kv: row_order(kv[0])):
+    """Markdown table of a results dict, 95 % case-bootstrap intervals in brackets.
+
+    Args:
+      results: from `score_dataset` / `score_maps`.
+      paper: optional {predictor: the paper's AUROC}.
+    """
+    cols = list(METRIC_COLUMNS)
+    if not results.get("n_lesion_pixels"):  # healthy data: what can be measured there
+        cols = [("frac_above", "brain pixels >= val threshold")]
+    header = ["predictor", *(label for _, label in cols), *(["paper AUROC"] if paper else [])]
+    lines = []
+    for name, r in sorted(results["predictors"].items(), key=lambda kv: row_order(kv[0])):
         label = f"{name} (baseline)" if name == "intensity" else name
-        vals = [_fmt(r.get(k)) for k, _ in METRIC_COLUMNS]
-        if paper:
-            vals.append(_fmt(paper.get(name)))
-        lines.append(f"| {label} | " + " | ".join(vals) + " |")
-    return "\n".join(lines) + "\n"
+        ci = r.get("ci", {})
+        vals = [_fmt(r.get(k), ci.get(k) if k != "dice_best" else None) for k, _ in cols]
+        lines.append([label, *vals, *([_fmt(paper.get(name))] if paper else [])])
+    return markdown_table(header, lines)
+
+
+PER_CASE_COLUMNS = ("auroc", "auroc_brain", "auprc", "dice_val", "dice_best", "lesion_pixels",
+                    "frac_above")
+
+
+def per_case_csv(results) -> str:
+    """One row per case and predictor: the per-case metrics of `results["per_case"]`."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case", "predictor", *PER_CASE_COLUMNS])
+    for name in sorted(results["per_case"], key=row_order):
+        for case, m in results["per_case"][name].items():
+            w.writerow([case, name, *("" if m.get(k) is None else m[k]
+                                      for k in PER_CASE_COLUMNS)])
+    return buf.getvalue()
+
+
+def describe(results) -> str:
+    """The lines above the table: test set, calibration, intervals."""
+    cal = results.get("calibration", {})
+    how = {"val_best_dice": "the best-Dice threshold and the ensemble fitted on the "
+                            f"{len(cal.get('val_cases', []))} validation case(s)",
+           "val_quantile": f"the {results['settings']['val_quantile']} quantile of the healthy "
+                           "validation cases' brain pixels (no ensemble: no validation lesion)",
+           }.get(cal.get("method"), "no validation cases (no threshold, no ensemble)")
+    n_boot = results["settings"].get("n_boot", 0)
+    return (f"{results['n_cases']} test cases, {results['n_slices']} slices, pixel metrics "
+            f"pooled over all test slices; Dice at {how}; best Dice is the oracle (threshold "
+            f"chosen on the test labels). " + (f"95 % intervals: {n_boot} bootstrap resamples "
+                                               "of the test cases." if n_boot else ""))
 
 
 def write_results(results, out_dir, *, overwrite=False, paper=None, title="jaxvae results"):
-    """Write results.json and results.md (atomically, both or neither) into out_dir."""
+    """Write results.json, results.md and per_case.csv (atomically, all or none) to out_dir."""
     from pathlib import Path
 
     out_dir = Path(out_dir)
-    md = (f"# {title}\n\n{results['n_cases']} cases, {results['n_slices']} slices, "
-          f"pixel metrics pooled over all test slices.\n\n" + results_table(results, paper))
-    with all_or_nothing([out_dir / "results.json", out_dir / "results.md"]):
-        write_text(out_dir / "results.json",
-                   json.dumps(results, indent=1, default=_json_default), overwrite=overwrite)
-        write_text(out_dir / "results.md", md, overwrite=overwrite)
+    md = f"# {title}\n\n{describe(results)}\n\n" + results_table(results, paper)
+    files = {"results.json": json.dumps(results, indent=1, default=_json_default),
+             "results.md": md, "per_case.csv": per_case_csv(results)}
+    with all_or_nothing([out_dir / f for f in files]):
+        for name, text in files.items():
+            write_text(out_dir / name, text, overwrite=overwrite)
     return md
 
 

@@ -564,6 +564,8 @@ class MapsAccumulator:
         self.pooled = {n: Accumulator(**opts) for n in self.names}
         self._rows = {n: {} for n in self.names}
         self._hists = {n: {} for n in self.names}  # name -> case -> CaseHist
+        self._counts = {n: {} for n in self.thresholds}  # name -> case -> counts_at
+        self._mixed = False  # merged parts with different thresholds
         cases, counts = np.unique(self._case_ids, return_counts=True)
         self._left = dict(zip(cases.tolist(), counts.tolist(), strict=True)) if per_case else {}
         self._buffer = {}  # case -> [(maps, lesion, brain)] of its slices seen so far
@@ -626,6 +628,7 @@ class MapsAccumulator:
             t = self.thresholds.get(name)
             if t is not None:
                 c = acc.counts_at(t)
+                self._counts[name][case] = c
                 row.update(tp=c["tp"], fp=c["fp"], fn=c["fn"], **_threshold_metrics(c))
             self._rows[name][case] = row
             if self.ci_bits is not None:
@@ -639,15 +642,20 @@ class MapsAccumulator:
         pooled metrics and intervals over the union of the cases. Slices fed afterwards are
         indexed in `self`'s case_ids followed by `other`'s.
 
+        Each part may have its own thresholds (e.g. fitted on each fold's own validation
+        cases) for the same maps: the pooled `dice_val` / `frac_above` are then those of
+        the summed per-case counts, every case at its own part's threshold.
+
         Args:
-          other: an accumulator with the same names, thresholds, per_case, ci_bits and
-            options; left as it is.
+          other: an accumulator with the same names, thresholded maps, per_case, ci_bits
+            and options; left as it is.
 
         Returns:
           self, for chaining.
         """
         for what, a, b in [("names", self.names, other.names),
-                           ("thresholds", self.thresholds, other.thresholds),
+                           ("thresholded maps", sorted(self.thresholds),
+                            sorted(other.thresholds)),
                            ("per_case", self.per_case, other.per_case),
                            ("ci_bits", self.ci_bits, other.ci_bits),
                            ("options", self._opts, other._opts)]:
@@ -663,6 +671,13 @@ class MapsAccumulator:
             self.pooled[n].merge(other.pooled[n])
             self._rows[n].update(other._rows[n])
             self._hists[n].update(other._hists[n])
+        for n in self._counts:
+            self._counts[n].update(other._counts[n])
+        if other.thresholds != self.thresholds:
+            if not self.per_case:
+                raise ConfigError("merging accumulators with different thresholds needs "
+                                  "per_case=True (the pooled counts are the per-case sums)")
+            self._mixed = True
         self._left.update(other._left)
         self._buffer.update({c: list(p) for c, p in other._buffer.items()})
         return self
@@ -670,7 +685,11 @@ class MapsAccumulator:
     def _pooled(self, name: str) -> dict:
         """Pooled metrics of one map, with the threshold metrics if it has a threshold."""
         out = self.pooled[name].result()
-        if name in self.thresholds:
+        if name in self.thresholds and self._mixed:
+            rows = self._counts[name].values()
+            out.update(_threshold_metrics({k: sum(c[k] for c in rows) for k in
+                                           ("tp", "fp", "fn", "brain_above", "brain")}))
+        elif name in self.thresholds:
             out.update(_threshold_metrics(self.pooled[name].counts_at(self.thresholds[name])))
         return out
 

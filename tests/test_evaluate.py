@@ -54,24 +54,79 @@ def test_batched_maps_equal_one_call(model_params):
                                    atol=1e-4 * np.abs(ref[name]).max(), err_msg=name)
 
 
-def test_score_maps_rows_baseline_and_ensemble_split(model_params):
+def test_score_maps_rows_baseline_and_ensemble_fitted_on_validation_cases(model_params):
     s = _slices(20, cases=10)
     rng = np.random.default_rng(1)
-    maps = {"rec_error": s.lesion + rng.random(s.lesion.shape).astype(np.float32),
-            "kl_grad": rng.random(s.lesion.shape).astype(np.float32),
-            "rec_grad": rng.random(s.lesion.shape).astype(np.float32)}
-    res = score_maps(maps, s, settings=EvalSettings(fit_fraction=0.2))
+
+    def maps_of(s):
+        return {"rec_error": s.lesion + rng.random(s.lesion.shape).astype(np.float32),
+                "kl_grad": rng.random(s.lesion.shape).astype(np.float32),
+                "rec_grad": rng.random(s.lesion.shape).astype(np.float32)}
+
+    test, val = s.for_cases(s.cases[2:]), s.for_cases(s.cases[:2])
+    res = score_maps(maps_of(test), test, val_maps=maps_of(val), val=val,
+                     settings=EvalSettings(n_boot=50))
     rows = res["predictors"]
-    assert set(rows) == {"rec_error", "kl_grad", "rec_grad", "intensity"}
+    assert set(rows) == {"rec_error", "kl_grad", "rec_grad", "intensity", "ensemble",
+                         "ensemble+intensity"}
     assert rows["rec_error"]["auroc"] == pytest.approx(1.0)
     assert 0.4 < rows["kl_grad"]["auroc"] < 0.6
     assert rows["intensity"]["auroc"] > 0.9
-    ens = res["ensemble"]["ensemble"]
-    fit, test = set(ens["weights"]["fit_cases"]), set(ens["weights"]["test_cases"])
-    assert fit and test and not fit & test and fit | test == set(s.cases)
-    assert res["n_cases"] == 10 and res["n_slices"] == 20
+    cal = res["calibration"]
+    assert cal["method"] == "val_best_dice" and cal["val_cases"] == ["case0", "case1"]
+    assert cal["ensemble_weights"]["ensemble"]["fit_cases"] == ["case0", "case1"]
+    # rec_error separates perfectly on the validation cases too: its threshold does on test
+    assert rows["rec_error"]["dice_val"] == pytest.approx(1.0)
+    assert set(res["per_case"]["rec_error"]) == set(test.cases)
+    lo, hi = rows["kl_grad"]["ci"]["auroc"]
+    assert lo <= rows["kl_grad"]["auroc"] <= hi and lo < hi
+    assert res["n_cases"] == 8 and res["n_slices"] == 16
     md = results_table(res)
     assert "| intensity (baseline) |" in md and "| ensemble+intensity |" in md
+    assert "Dice (val. threshold)" in md and "best Dice (oracle)" in md
+
+
+def test_validation_threshold_and_ensemble_ignore_the_test_labels(model_params):
+    model, params = model_params
+    s = _phantom_like()
+    val, test = s.for_cases(["case0", "case1"]), s.for_cases(s.cases[2:])
+    settings = EvalSettings(predictors=("rec_error", "kl_grad", "rec_grad"), batch_size=8,
+                            n_boot=0)
+    res, _ = score_dataset(model, params, test, val=val, settings=settings, keep=())
+    perm = np.random.default_rng(0).permutation(len(test))
+    shuffled = dataclasses.replace(test, lesion=test.lesion[perm])  # other test labels
+    res2, _ = score_dataset(model, params, shuffled, val=val, settings=settings, keep=())
+    assert res2["calibration"] == res["calibration"]  # thresholds and weights: unchanged
+    assert res2["predictors"]["intensity"]["dice_best"] != res["predictors"]["intensity"][
+        "dice_best"]  # the labels did change what the oracle sees
+    # and the validation threshold is the best-Dice threshold of the validation maps
+    val_maps = compute_maps(model, params, val.images, settings=settings)
+    from jaxvae.metrics import pixel_metrics
+
+    t = pixel_metrics(val_maps["rec_grad"], val.lesion, val.brain)["dice_threshold"]
+    assert res["calibration"]["thresholds"]["rec_grad"] == t
+    got = compute_maps(model, params, test.images, settings=settings)["rec_grad"] >= t
+    want = 2 * (got & test.lesion).sum() / (got.sum() + test.lesion.sum())
+    assert res["predictors"]["rec_grad"]["dice_val"] == pytest.approx(want)
+
+
+def test_healthy_validation_gives_a_quantile_threshold_and_healthy_test_data_a_rate(
+        model_params):
+    model, params = model_params
+    s = _phantom_like()
+    healthy = dataclasses.replace(s, lesion=np.zeros_like(s.lesion))
+    val, test = healthy.for_cases(["case0", "case1"]), healthy.for_cases(s.cases[2:])
+    settings = EvalSettings(predictors=("rec_error", "kl_grad", "rec_grad"), batch_size=8,
+                            val_quantile=0.9, n_boot=0)
+    res, _ = score_dataset(model, params, test, val=val, settings=settings, keep=())
+    assert res["calibration"]["method"] == "val_quantile"
+    assert "ensemble" not in res["predictors"]  # no lesion to fit it on
+    frac = res["calibration"]["val_pooled"]
+    for name, r in res["predictors"].items():
+        assert np.isnan(r["auroc"])
+        assert 0.0 < r["frac_above"] < 0.4, name  # ~10 % on the validation cases
+    assert "brain pixels >= val threshold" in results_table(res)
+    assert frac  # the validation metrics are recorded
 
 
 def test_postprocess_zeroes_outside_eroded_brain():
@@ -105,10 +160,14 @@ def test_write_results_is_atomic_and_refuses_overwrite(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["n_slices"] == 10
     with pytest.raises(OutputError, match="results.json"):
         write_results(res, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["per_case.csv", "results.json",
+                                                          "results.md"]
+    rows = (tmp_path / "per_case.csv").read_text().splitlines()
+    assert rows[0].startswith("case,predictor,auroc,auroc_brain,auprc,dice_val,dice_best")
+    assert len(rows) == 1 + 5 * 2  # 5 cases x (rec_error, intensity)
 
 
-# ---- streaming == the former all-in-memory computation ---------------------------------------
+# ---- streaming == the all-in-memory computation ---------------------------------------------
 
 def _phantom_like(case_slices=(5, 7, 3, 6, 4, 6), seed=0):
     """Slices of several cases (uneven counts, so batches straddle cases): a bright disc of
@@ -130,135 +189,34 @@ def _phantom_like(case_slices=(5, 7, 3, 6, 4, 6), seed=0):
     return SliceSet(np.stack(images), np.stack(brain), np.stack(lesion), ids, np.arange(n))
 
 
-def _reference_pixels(maps, lesion, brain, case_ids, per_case=True):
-    """The former evaluate_maps: each case scored on its own, the pooled counts their sum."""
-    from jaxvae.metrics import Accumulator, summarize_cases
-
-    out = {}
-    for name, m in maps.items():
-        if not per_case:
-            out[name] = {"pooled": Accumulator().update(m, lesion, brain).result()}
-            continue
-        pooled, rows = Accumulator(), {}
-        for c in np.unique(case_ids):
-            sl = np.flatnonzero(case_ids == c)
-            acc = Accumulator().update(m[sl], lesion[sl], brain[sl])
-            rows[str(c)] = acc.result()
-            pooled.merge(acc)
-        out[name] = {"pooled": pooled.result(), "per_case_summary": summarize_cases(rows)}
-    return out
-
-
-def _reference_ensemble(features, lesion, case_ids, brain, fit_fraction, seed, log_features):
-    """The former fit_ensemble: the (S, H, W) fit mask, flatnonzero, subsample, fit."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    from jaxvae.ensemble import Ensemble, split_fit_cases
-
-    fit_ids, test_ids = split_fit_cases(case_ids, fit_fraction, seed)
-    use = np.isin(case_ids, fit_ids)[:, None, None] & brain
-    idx = np.flatnonzero(use)
-    if idx.size > 200_000:
-        idx = np.sort(np.random.default_rng(seed).choice(idx, size=200_000, replace=False))
-    y = lesion.reshape(-1)[idx]
-    cols, log_scale = [], np.zeros(len(features))
-    for f, (name, m) in enumerate(features.items()):
-        x = m.reshape(-1)[idx].astype(np.float64)
-        if name in log_features:
-            log_scale[f] = np.median(x[x > 0])
-            x = np.log1p(x / log_scale[f])
-        cols.append(x)
-    scaler = StandardScaler().fit(np.stack(cols, 1))
-    clf = LogisticRegression(class_weight="balanced", max_iter=1000)
-    clf.fit(scaler.transform(np.stack(cols, 1)), y)
-    return Ensemble(tuple(features), log_scale, scaler.mean_, scaler.scale_, clf.coef_[0],
-                    float(clf.intercept_[0]), tuple(fit_ids), tuple(test_ids), idx.size,
-                    int(y.sum()))
-
-
-def _reference_results(maps, s, settings):
-    """The former score_maps on maps held in memory; adds the rows to `maps` in place."""
-    ids = np.asarray(s.case_ids)
-    maps["intensity"] = s.images
-    if settings.postprocess:
-        for name in list(maps):
-            maps[f"{name}+pp"] = postprocess_maps(maps[name], s.brain)
-    scored = _reference_pixels(maps, s.lesion, s.brain, ids)
-    res = {"n_cases": len(np.unique(ids)), "n_slices": len(s.images),
-           "n_lesion_pixels": int(s.lesion.sum()), "settings": dataclasses.asdict(settings),
-           "beta": 1.0, "predictors": {k: {**r["pooled"], "per_case": r["per_case_summary"]}
-                                       for k, r in scored.items()}, "ensemble": {}}
-    feats = ["rec_error", "kl_grad", "rec_grad"]
-    for name, names in {"ensemble": feats, "ensemble+intensity": [*feats, "intensity"]}.items():
-        ens = _reference_ensemble({f: maps[f] for f in names}, s.lesion, ids, s.brain,
-                                  settings.fit_fraction, settings.seed, feats)
-        test = np.isin(ids, ens.test_cases)
-        rows = {name: ens.predict({f: maps[f][test] for f in names})}
-        rows.update({f: maps[f][test] for f in names})
-        scored = _reference_pixels(rows, s.lesion[test], s.brain[test], ids[test], False)
-        maps[name] = np.zeros(s.lesion.shape, np.float32)
-        maps[name][test] = rows[name]
-        res["ensemble"][name] = {**scored[name]["pooled"], "weights": ens.to_json(),
-                                 "singles_on_test_cases": {f: scored[f]["pooled"]
-                                                           for f in names}}
-    return res
-
-
 def test_streamed_results_equal_the_all_in_memory_computation(model_params):
     model, params = model_params
     s = _phantom_like()  # 31 slices of 6 cases, batches of 4: batches straddle cases
+    val, test = s.for_cases(["case1"]), s.for_cases([c for c in s.cases if c != "case1"])
     settings = EvalSettings(predictors=("rec_error", "kl_grad", "rec_grad", "combi",
                                         "proj_rec_error"),
                             batch_size=4, combi_group=2, n_samples=2, proj_steps=2,
-                            fit_fraction=0.34, postprocess=True)
-    maps = compute_maps(model, params, s.images, settings=settings)
-    want = _reference_results(dict(maps), s, settings)
-    keep = [30, 2, 17, 1]  # any order; straddling the fit and held-out cases
-    got, kept = score_dataset(model, params, s, settings=settings, keep=keep)
-    # histogram counts do not depend on the order pixels arrive in, and the ensemble is
-    # fitted on the same pixels' same float32 values: equal, not merely close
-    assert json.dumps(got) == json.dumps(want)
-    fit = set(got["ensemble"]["ensemble"]["weights"]["fit_cases"])
-    assert fit and set(s.case_ids[keep]) - fit and set(s.case_ids[keep]) & fit
+                            postprocess=True, n_boot=20)
+    maps = compute_maps(model, params, test.images, settings=settings)
+    val_maps = compute_maps(model, params, val.images, settings=settings)
+    keep = [20, 2, 17, 1]  # any order
+    got, kept = score_dataset(model, params, test, val=val, settings=settings, keep=keep)
+    # histogram counts do not depend on the order pixels arrive in: equal, not merely close
     ref = dict(maps)
-    _reference_results(ref, s, settings)  # the reference's rows, in memory
+    want = score_maps(ref, test, val_maps=val_maps, val=val, settings=settings)
+    assert json.dumps(got) == json.dumps(want)
     assert set(kept) == set(ref) and len(kept) == 5 + 1 + 6 + 2
     for name, m in kept.items():
         np.testing.assert_array_equal(m, ref[name][keep], err_msg=name)
-    # from maps in memory, any batch size: the same numbers, rows added in place
-    again = dict(maps)
-    assert json.dumps(score_maps(again, s, settings=settings)) == json.dumps(want)
-    assert set(again) == set(ref)
-    np.testing.assert_array_equal(again["ensemble+intensity"], ref["ensemble+intensity"])
-    _, none = score_dataset(model, params, s, settings=dataclasses.replace(
+    # the pooled rows equal metrics of the whole in-memory maps
+    from jaxvae.metrics import pixel_metrics
+
+    for name in ("rec_error", "combi+pp", "ensemble+intensity"):
+        direct = pixel_metrics(ref[name], test.lesion, test.brain)
+        assert {k: got["predictors"][name][k] for k in direct} == direct, name
+    _, none = score_dataset(model, params, test, settings=dataclasses.replace(
         settings, ensemble=False, predictors=("rec_error",)), keep=())
     assert {k: v.shape for k, v in none.items()} == {"rec_error": (0, 64, 64),
                                                      "intensity": (0, 64, 64),
                                                      "rec_error+pp": (0, 64, 64),
                                                      "intensity+pp": (0, 64, 64)}
-
-
-def test_streaming_fits_on_the_fit_batches_only(model_params, monkeypatch):
-    # the fit pass computes only the batches holding fit pixels, without the projection;
-    # the scoring pass computes every batch once
-    import jaxvae.evaluate as ev
-
-    model, params = model_params
-    s = _phantom_like()
-    settings = EvalSettings(predictors=("rec_error", "kl_grad", "rec_grad", "proj_rec_error"),
-                            batch_size=4, proj_steps=1, fit_fraction=0.2)
-    calls, real = [], ev._map_batches
-
-    def spy(*a, only=None, projection=True, **kw):
-        for rows, maps in real(*a, only=only, projection=projection, **kw):
-            calls.append((only is not None, rows[0] // 4, sorted(maps)))
-            yield rows, maps
-
-    monkeypatch.setattr(ev, "_map_batches", spy)
-    res, _ = ev.score_dataset(model, params, s, settings=settings, keep=())
-    fit = np.flatnonzero(np.isin(s.case_ids, res["ensemble"]["ensemble"]["weights"]["fit_cases"]))
-    first = [(b, m) for f, b, m in calls if f]
-    assert [b for b, _ in first] == sorted(set((fit // 4).tolist()))
-    assert all("proj_rec_error" not in m for _, m in first)
-    assert [b for f, b, _ in calls if not f] == list(range(8))  # 31 slices: 8 batches

@@ -505,7 +505,19 @@ def test_merged_accumulators_of_disjoint_cases_equal_one():
     assert json.dumps(ev) == json.dumps(whole.result(n_boot=100, seed=2))
     with pytest.raises(ConfigError, match="share cases"):
         MapsAccumulator(list(maps), ids, thresholds=thr).merge(whole)
-    with pytest.raises(ConfigError, match="different thresholds"):
+    with pytest.raises(ConfigError, match="different thresholded maps"):
         MapsAccumulator(list(maps), ids[:1]).merge(folds[1])
+    # each fold at its own threshold: pooled dice_val / frac_above from the summed counts
+    parts = []
+    for fold, t in ((["a", "h"], 2.0), (["c"], 0.5)):
+        sel = np.flatnonzero(np.isin(ids, fold))
+        acc = MapsAccumulator(["m"], ids[sel], thresholds={"m": t})
+        parts.append(acc.update(np.arange(sel.size), {"m": s[sel]}, lesion[sel], brain[sel]))
+    got = parts[0].merge(parts[1]).result(n_boot=20)["m"]["pooled"]
+    call = np.where(np.isin(ids, ["c"])[:, None, None], s >= 0.5, s >= 2.0)
+    tp, fp = (call & lesion).sum(), (call & ~lesion).sum()
+    assert got["dice_val"] == pytest.approx(2 * tp / (2 * tp + fp + (lesion & ~call).sum()))
+    assert got["frac_above"] == pytest.approx((call & brain).sum() / brain.sum())
+    assert got["dice_val"] != whole.result()["m"]["pooled"]["dice_val"]
     with pytest.raises(ConfigError, match="not among"):
         evaluate_maps(maps, lesion, brain, ids, thresholds={"x": 1.0})

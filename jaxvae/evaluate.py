@@ -189,8 +189,43 @@ def score_dataset(model, params, slices, *, val=None, beta=1.0, settings=EvalSet
         return _map_batches(model, params, images, beta=beta, settings=settings,
                             progress=progress)
 
-    return _score(batches, names, slices, cal, beta=beta, settings=settings, keep=keep,
-                  progress=progress)
+    pixels, kept = _accumulate(batches, names, slices, cal, settings=settings, keep=keep,
+                               progress=progress)
+    return _results(pixels, [slices], [cal], beta=beta, settings=settings), kept
+
+
+def score_folds(folds, *, settings=EvalSettings(), progress=False):
+    """Score the folds of a cross-validation, each with its own model and calibration.
+
+    Args:
+      folds: [(model, params, beta, test SliceSet, validation SliceSet or None)], the test
+        cases of different folds disjoint.
+      settings: EvalSettings.
+
+    Returns:
+      (per-fold results dicts, pooled results over every fold's test cases: each case
+      scored by its own fold's model at its own fold's thresholds, intervals by bootstrap
+      over all cases).
+    """
+    names = check_predictors(settings.predictors, KNOWN_PREDICTORS)
+    per_fold, merged = [], None
+    for model, params, beta, test, val in folds:
+        cal = Calibration()
+        if val is not None and len(val):
+            cal = calibrate(compute_maps(model, params, val.images, beta=beta,
+                                         settings=settings, progress=progress), val, settings)
+
+        def batches(progress=False, model=model, params=params, beta=beta, test=test):
+            return _map_batches(model, params, np.asarray(test.images, np.float32), beta=beta,
+                                settings=settings, progress=progress)
+
+        pixels, _ = _accumulate(batches, names, test, cal, settings=settings, keep=(),
+                                progress=progress)
+        per_fold.append(_results(pixels, [test], [cal], beta=beta, settings=settings))
+        merged = pixels if merged is None else merged.merge(pixels)
+    pooled = _results(merged, [f[3] for f in folds], [r["calibration"] for r in per_fold],
+                      beta=folds[0][2], settings=settings)
+    return per_fold, pooled
 
 
 def score_maps(maps, slices, *, val_maps=None, val=None, beta=1.0, settings=EvalSettings()):
@@ -216,10 +251,10 @@ def score_maps(maps, slices, *, val_maps=None, val=None, beta=1.0, settings=Eval
         for idx, n in score.batches(len(slices.images), settings.batch_size):
             yield idx[:n], {k: np.asarray(maps[k][idx[:n]], np.float32) for k in names}
 
-    results, rows = _score(batches, names, slices, cal, beta=beta, settings=settings,
-                           keep_names=lambda k: k not in names)
+    pixels, rows = _accumulate(batches, names, slices, cal, settings=settings,
+                               keep_names=lambda k: k not in names)
     maps.update(rows)
-    return results
+    return _results(pixels, [slices], [cal], beta=beta, settings=settings)
 
 
 @dataclasses.dataclass
@@ -298,8 +333,8 @@ def calibrate(val_maps, val, settings=EvalSettings()) -> Calibration:
                        val_results={k: a.result() for k, a in pooled.items()})
 
 
-def _score(batches, names, slices, cal, *, beta, settings, keep=None, keep_names=None,
-           progress=False):
+def _accumulate(batches, names, slices, cal, *, settings, keep=None, keep_names=None,
+                progress=False):
     """Stream the maps of `batches` into the metrics of every row (see `score_dataset`).
 
     Args:
@@ -309,6 +344,9 @@ def _score(batches, names, slices, cal, *, beta, settings, keep=None, keep_names
       cal: the Calibration fitted on the validation cases.
       keep: slices whose maps to return (see `score_dataset`); keep_names: a predicate on
         the row names to return (None: all).
+
+    Returns:
+      (the MapsAccumulator of every row, {row: kept maps}).
     """
     images, lesion, brain = slices.images, slices.lesion, slices.brain
     case_ids = np.asarray(slices.case_ids).astype(str)
@@ -341,15 +379,23 @@ def _score(batches, names, slices, cal, *, beta, settings, keep=None, keep_names
         for name, out in kept.items():
             out[k[k >= 0]] = maps[name][k >= 0]
 
+    return pixels, kept
+
+
+def _results(pixels, parts, cals, *, beta, settings) -> dict:
+    """The results dict of an accumulator fed with the SliceSets `parts`, calibrated by
+    `cals` (Calibrations or their JSON: one, or one per fold)."""
     scored = pixels.result(n_boot=settings.n_boot, seed=settings.seed)
-    results = {"n_cases": len(np.unique(case_ids)), "n_slices": int(len(images)),
-               "n_lesion_pixels": int(np.sum(lesion)),
-               "settings": dataclasses.asdict(settings), "beta": float(beta),
-               "calibration": cal.to_json(),
-               "predictors": {name: {**r["pooled"], "per_case": r["per_case_summary"]}
-                              for name, r in scored.items()},
-               "per_case": {name: r["per_case"] for name, r in scored.items()}}
-    return results, kept
+    cals = [c.to_json() if isinstance(c, Calibration) else c for c in cals]
+    return {"n_cases": int(sum(len(p.cases) for p in parts)),
+            "n_slices": int(sum(len(p) for p in parts)),
+            "n_lesion_pixels": int(sum(p.lesion.sum() for p in parts)),
+            "settings": dataclasses.asdict(settings), "beta": float(beta),
+            "calibration": cals[0] if len(cals) == 1 else {"folds": cals,
+                                                           "method": cals[0]["method"]},
+            "predictors": {name: {**r["pooled"], "per_case": r["per_case_summary"]}
+                           for name, r in scored.items()},
+            "per_case": {name: r["per_case"] for name, r in scored.items()}}
 
 
 def row_order(name):
@@ -406,8 +452,10 @@ def per_case_csv(results) -> str:
 def describe(results) -> str:
     """The lines above the table: test set, calibration, intervals."""
     cal = results.get("calibration", {})
+    n_val = sum(len(c.get("val_cases", [])) for c in cal.get("folds", [cal]))
     how = {"val_best_dice": "the best-Dice threshold and the ensemble fitted on the "
-                            f"{len(cal.get('val_cases', []))} validation case(s)",
+                            f"{n_val} validation case(s)" + (" of each fold" if "folds" in cal
+                                                             else ""),
            "val_quantile": f"the {results['settings']['val_quantile']} quantile of the healthy "
                            "validation cases' brain pixels (no ensemble: no validation lesion)",
            }.get(cal.get("method"), "no validation cases (no threshold, no ensemble)")

@@ -15,6 +15,7 @@ from jaxvae.evaluate import (
     postprocess_maps,
     results_table,
     score_dataset,
+    score_folds,
     score_maps,
     write_results,
 )
@@ -220,3 +221,32 @@ def test_streamed_results_equal_the_all_in_memory_computation(model_params):
                                                      "intensity": (0, 64, 64),
                                                      "rec_error+pp": (0, 64, 64),
                                                      "intensity+pp": (0, 64, 64)}
+
+
+def test_folds_pooled_over_their_own_models_and_thresholds():
+    s = _phantom_like()
+    models = [jaxvae.ConvVAE(latent_dim=8)] * 2
+    params = [jaxvae.init_params(m, jax.random.key(i)) for i, m in enumerate(models)]
+    tests = [s.for_cases(["case0", "case1", "case2"]), s.for_cases(["case3", "case4"])]
+    vals = [s.for_cases(["case5"]), s.for_cases(["case2"])]
+    settings = EvalSettings(predictors=("rec_error", "kl_grad", "rec_grad"), batch_size=8,
+                            n_boot=30)
+    folds = [(m, p, 1.0, t, v) for m, p, t, v in zip(models, params, tests, vals, strict=True)]
+    per_fold, pooled = score_folds(folds, settings=settings)
+    for f, (m, p, t, v) in enumerate(zip(models, params, tests, vals, strict=True)):
+        alone, _ = score_dataset(m, p, t, val=v, settings=settings, keep=())
+        assert json.dumps(per_fold[f]) == json.dumps(alone)
+    assert pooled["n_cases"] == 5 and len(pooled["calibration"]["folds"]) == 2
+    from jaxvae.metrics import pixel_metrics
+
+    maps = [compute_maps(m, p, t.images, settings=settings)["kl_grad"]
+            for m, p, t in zip(models, params, tests, strict=True)]
+    lesion = np.concatenate([t.lesion for t in tests])
+    direct = pixel_metrics(np.concatenate(maps), lesion, np.concatenate([t.brain for t in tests]))
+    assert pooled["predictors"]["kl_grad"]["auroc"] == direct["auroc"]
+    calls = np.concatenate([m >= r["calibration"]["thresholds"]["kl_grad"]
+                            for m, r in zip(maps, per_fold, strict=True)])
+    tp = (calls & lesion).sum()
+    assert pooled["predictors"]["kl_grad"]["dice_val"] == pytest.approx(
+        2 * tp / (calls.sum() + lesion.sum()))
+    assert set(pooled["per_case"]["kl_grad"]) == {f"case{i}" for i in range(5)}

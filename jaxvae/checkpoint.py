@@ -2,13 +2,22 @@
 
 Layout:
   config.json           the TrainConfig (written atomically)
-  metrics.jsonl         one JSON line per finished epoch (rewritten atomically)
+  metrics.jsonl         one JSON line per finished epoch (rewritten atomically), plus a line
+                        marked "partial" for an epoch cut by max_steps
   checkpoints/<step>/   orbax: params, opt_state, meta (JSON: format, step, partial epoch sums,
-                        data fingerprint, config); the last `keep_checkpoints` are kept
+                        data fingerprints, validation loss, config) and orbax's own metrics
+                        (the validation loss, which ranks the checkpoints)
+  loss.png              the loss curve (jaxvae.train)
+
+Retention: the last `keep_checkpoints` checkpoints, and the one with the lowest validation
+loss (ties: the earliest), both by orbax preservation policies (LatestN, BestN). A
+checkpoint without a validation loss (no validation, Ctrl-C inside an epoch) is ranked by
+recency only.
 
 Everything that reads or writes these files is here (`check_run_dir`, `prepare_run_dir`,
-`RunDir`, `load_run`); a restore checks the stored shapes against the config's model, and
-an unreadable checkpoint is a RunError that names it.
+`RunDir`, `load_run`, `best_step`); a restore checks the stored shapes against the config's
+model, and an unreadable checkpoint is a RunError that names it. `load_run` loads the best
+checkpoint by validation loss by default (the latest one in a run without validation).
 """
 
 import contextlib
@@ -83,8 +92,9 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig | None, *, resume: bool, ove
     return cfg, False
 
 
-def _read_metrics(path: Path, upto_epoch: int) -> list[dict]:
-    """Epoch lines 1..upto_epoch of metrics.jsonl (later or broken lines are dropped)."""
+def _read_metrics(path: Path, upto_epoch: int, partial_step: int | None = None) -> list[dict]:
+    """Epoch lines 1..upto_epoch of metrics.jsonl, then the line of epoch upto_epoch + 1 if
+    it is marked partial and ends at `partial_step` (later or broken lines are dropped)."""
     if not path.is_file():
         return []
     out = []
@@ -93,9 +103,15 @@ def _read_metrics(path: Path, upto_epoch: int) -> list[dict]:
             rec = json.loads(line)
         except ValueError:
             continue  # a line cut by a kill
-        if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and \
-                rec["epoch"] <= upto_epoch and rec["epoch"] == len(out) + 1:
+        if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), int) or \
+                rec["epoch"] != len(out) + 1:
+            continue
+        if rec["epoch"] <= upto_epoch and not rec.get("partial"):
             out.append(rec)
+        elif rec["epoch"] == upto_epoch + 1 and rec.get("partial") and \
+                partial_step is not None and rec.get("step") == partial_step:
+            out.append(rec)
+            break
     return out
 
 
@@ -113,11 +129,23 @@ def _steps(ckpt_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def _manager(ckpt_dir: Path, keep: int | None, *, create: bool) -> ocp.CheckpointManager:
+def _rank(metrics) -> tuple:
+    # BestN keeps the highest: the lowest val_loss, then the earliest step
+    return -metrics["val_loss"], -metrics["step"]
+
+
+def _manager(ckpt_dir: Path, keep: int | None, *, create: bool,
+             validated: bool = False) -> ocp.CheckpointManager:
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         create=create, enable_async_checkpointing=False,  # a checkpoint is on disk on return
         cleanup_tmp_directories=create,  # half-written saves of a killed run
-        preservation_policy=ocp.checkpoint_managers.LatestN(n=keep))
+        # best_fn only makes orbax write the metrics that BestN ranks (orbax reads them back
+        # when a run is reopened); without validation it would warn at every save
+        best_fn=(lambda m: m["val_loss"]) if validated else None, best_mode="min",
+        preservation_policy=policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=_rank, n=1, keep_checkpoints_without_metrics=False)]))
     # handlers named up front so that metadata reads work before any save/restore call
     handlers = {"params": ocp.StandardCheckpointHandler(),
                 "opt_state": ocp.StandardCheckpointHandler(),
@@ -258,20 +286,34 @@ def _restore(mgr, step: int, cfg: TrainConfig, sharding, params, opt_state=None)
     return out["params"], out.get("opt_state"), meta
 
 
-def load_run(run_dir):
-    """Load the model and latest checkpointed parameters of a run directory.
+def _val_loss(mgr, step: int):
+    """The validation loss stored in a checkpoint's meta, or None (none was computed)."""
+    path = Path(mgr.directory) / str(step)
+    out = _read(lambda: mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())),
+                path, "checkpoint metadata")
+    meta = out["meta"]
+    return meta.get("val_loss") if isinstance(meta, dict) else None
 
-    Args:
-      run_dir: folder written by `jaxvae.train.train`.
 
-    Returns:
-      (model ConvVAE (conv_impl "lax"), params pytree on the default device,
-       cfg TrainConfig).
+def _choose(mgr, steps: list[int], which) -> tuple[int, float | None]:
+    """(step, its val_loss or None) of the checkpoint `which` names among `steps`."""
+    if which == "latest":
+        return steps[-1], _val_loss(mgr, steps[-1])
+    if which == "best":
+        scored = [(v, s) for s in steps if (v := _val_loss(mgr, s)) is not None]
+        if not scored:  # a run without validation
+            return steps[-1], None
+        v, s = min(scored)  # ties: the earliest step, as the checkpoints are kept
+        return s, v
+    if isinstance(which, int) and not isinstance(which, bool):
+        if which not in steps:
+            raise RunError(f"{mgr.directory}: no checkpoint of step {which} (have {steps})")
+        return which, _val_loss(mgr, which)
+    raise ConfigError(f"which must be 'best', 'latest' or a checkpointed step, got {which!r}")
 
-    Raises:
-      RunError: the folder, config.json or a checkpoint is missing, unreadable, truncated,
-        or of a different model than config.json describes.
-    """
+
+def _open_run(run_dir):
+    """(cfg, checkpoint steps, manager that deletes nothing) of a run to load."""
     run_dir = Path(run_dir).absolute()  # orbax needs absolute paths
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: run directory not found")
@@ -281,13 +323,60 @@ def load_run(run_dir):
     if not steps:
         raise RunError(f"{ckpt_dir}: no checkpoint found (the run stopped before its first "
                        f"checkpoint?)")
-    model = model_from_config(cfg)
-    mgr = _manager(ckpt_dir, None, create=False)
+    return cfg, steps, _manager(ckpt_dir, None, create=False)
+
+
+def best_step(run_dir, which="best") -> tuple[int, float | None]:
+    """The checkpoint `load_run(run_dir, which)` loads, without loading it.
+
+    Args:
+      run_dir: folder written by `jaxvae.train.train`.
+      which: as in `load_run`.
+
+    Returns:
+      (global optimiser step of the checkpoint, its validation loss or None when the run
+       had no validation or the checkpoint was cut inside an epoch by Ctrl-C).
+
+    Raises:
+      RunError: as `load_run`.
+    """
+    _, steps, mgr = _open_run(run_dir)
     try:
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        params, _, _ = _restore(mgr, max(steps), cfg, sharding, abstract_params(model))
+        return _choose(mgr, steps, which)
     finally:
         mgr.close()
+
+
+def load_run(run_dir, which="best", *, with_info: bool = False):
+    """Load the model and the checkpointed parameters of a run directory.
+
+    Args:
+      run_dir: folder written by `jaxvae.train.train`.
+      which: "best": the stored checkpoint with the lowest validation loss (the earliest of
+        equal ones; a run without validation: the latest checkpoint); "latest": the
+        latest checkpoint; or an int, the checkpoint of that global step.
+      with_info: also return which checkpoint was loaded.
+
+    Returns:
+      (model ConvVAE (conv_impl "lax"), params pytree on the default device,
+       cfg TrainConfig), and with with_info a 4th item, a dict {"step": global optimiser
+       step of the checkpoint, "val_loss": its validation loss or None, "which": which}.
+
+    Raises:
+      RunError: the folder, config.json or a checkpoint is missing, unreadable, truncated,
+        or of a different model than config.json describes.
+      ConfigError: `which` is none of the above.
+    """
+    cfg, steps, mgr = _open_run(run_dir)
+    try:
+        model = model_from_config(cfg)
+        step, val_loss = _choose(mgr, steps, which)
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        params, _, _ = _restore(mgr, step, cfg, sharding, abstract_params(model))
+    finally:
+        mgr.close()
+    if with_info:
+        return model, params, cfg, {"step": step, "val_loss": val_loss, "which": which}
     return model, params, cfg
 
 
@@ -309,12 +398,15 @@ class RunDir:
     Args:
       run_dir: absolute path of the run directory (checked by `prepare_run_dir`), or None.
       cfg: the run's TrainConfig.
-      data_meta: JSON description of the training data (image count, batch size,
-        fingerprint...), stored in every checkpoint; a restore refuses other data.
+      data_meta: JSON description of the training and validation data (image count, batch
+        size, fingerprints...), stored in every checkpoint; a restore refuses other data.
+      validated: the run computes validation losses (passed to `save`), which rank the
+        checkpoints for retention.
     """
 
-    def __init__(self, run_dir: Path | None, cfg: TrainConfig, data_meta: dict):
-        self.dir, self.cfg, self.data_meta = run_dir, cfg, data_meta
+    def __init__(self, run_dir: Path | None, cfg: TrainConfig, data_meta: dict, *,
+                 validated: bool = False):
+        self.dir, self.cfg, self.data_meta, self.validated = run_dir, cfg, data_meta, validated
         self.main = jax.process_index() == 0
         self.ckpt_dir = None if run_dir is None else run_dir / CHECKPOINT_DIR
         self.mgr = None
@@ -338,7 +430,8 @@ class RunDir:
                 shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             write_text(self.dir / CONFIG_FILE, self.cfg.to_json(), overwrite=True)
         _sync("jaxvae-train-prepared")
-        self.mgr = _manager(self.ckpt_dir, self.cfg.keep_checkpoints, create=True)
+        self.mgr = _manager(self.ckpt_dir, self.cfg.keep_checkpoints, create=True,
+                            validated=self.validated)
         steps = _steps(self.ckpt_dir)
         return steps[-1] if restore and steps else None
 
@@ -354,18 +447,29 @@ class RunDir:
           RunError: unreadable checkpoint, another model, or other training data.
         """
         params, opt_state, meta = _restore(self.mgr, step, self.cfg, sharding, *abstract_state)
-        if any(meta.get(k) != v for k, v in self.data_meta.items()):
+        diff = [k for k, v in self.data_meta.items() if meta.get(k) != v]
+        if diff:
+            what = ", ".join(f"{k}: {meta.get(k)} -> {self.data_meta[k]}" for k in diff)
             raise RunError(f"{self.ckpt_dir / str(step)}: the checkpoint was trained on "
-                           f"other data ({meta.get('n_images')} images, fingerprint "
-                           f"{meta.get('fingerprint')}, batch {meta.get('batch_size')}); "
-                           f"resume needs the same images and batch size")
+                           f"other data ({what}); resume needs the same training images, "
+                           f"batch size and validation images")
         return params, opt_state, meta
 
-    def history(self, epochs_done: int, *, rewrite: bool) -> list[dict]:
-        """metrics.jsonl up to the checkpointed epoch; rewrite drops the lines after it."""
+    def history(self, step: int, steps_per_epoch: int, *, rewrite: bool) -> list[dict]:
+        """metrics.jsonl up to a checkpointed step; rewrite drops the lines after it.
+
+        Args:
+          step: the global step of the checkpoint resumed from (0 for a fresh run).
+          steps_per_epoch: optimiser steps per epoch.
+          rewrite: rewrite metrics.jsonl with the lines kept.
+
+        Returns:
+          the lines of the epochs finished by `step`, then the partial line ending at
+          `step` when training stopped there inside an epoch (max_steps).
+        """
         if self.dir is None:
             return []
-        history = _read_metrics(self.dir / METRICS_FILE, epochs_done)
+        history = _read_metrics(self.dir / METRICS_FILE, step // steps_per_epoch, step)
         if rewrite:
             self.write_metrics(history)
         return history
@@ -374,13 +478,24 @@ class RunDir:
         if self.dir is not None and self.main:
             _write_metrics(self.dir / METRICS_FILE, history)
 
-    def save(self, step: int, params, opt_state, *, partial=None, interrupted=False) -> None:
-        """Checkpoint a step (no-op without run_dir or if that step is already saved)."""
+    def save(self, step: int, params, opt_state, *, partial=None, interrupted=False,
+             val_loss: float | None = None) -> None:
+        """Checkpoint a step (no-op without run_dir or if that step is already saved).
+
+        Args:
+          step: global optimiser step.
+          params, opt_state: the state after that step.
+          partial: running sums of an epoch cut at this step (resume continues them).
+          interrupted: saved because of Ctrl-C.
+          val_loss: validation loss of these params, stored in meta and ranked for
+            retention (None: not computed; the checkpoint is kept by recency only).
+        """
         if self.mgr is None or step in self.mgr.all_steps():
             return
         meta = {"format": _FORMAT, "step": step, **self.data_meta, "partial": partial,
-                "interrupted": interrupted, "config": self.cfg.to_dict()}
-        self.mgr.save(step, force=True, args=ocp.args.Composite(
+                "interrupted": interrupted, "val_loss": val_loss, "config": self.cfg.to_dict()}
+        metrics = None if val_loss is None else {"val_loss": float(val_loss), "step": step}
+        self.mgr.save(step, force=True, metrics=metrics, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta)))
 

@@ -2,18 +2,20 @@
 
 One frozen dataclass holds everything that defines a run; it is saved as config.json beside
 the run's checkpoints (jaxvae.checkpoint) and validated on construction, so a bad value is
-refused before any data is loaded.
+refused before any data is loaded. The SCHEDULE_FIELDS (how long to train: epochs,
+patience, max_steps; what to keep) may change when a run is resumed; the others may not.
 """
 
 import dataclasses
 import json
+import operator
 
 from jaxvae.errors import ConfigError
 from jaxvae.model import ConvVAE
 
 # Fields a resumed run may change: they set how long to train and what to keep, not what
 # the steps compute.
-SCHEDULE_FIELDS = ("epochs", "checkpoint_every", "keep_checkpoints")
+SCHEDULE_FIELDS = ("epochs", "checkpoint_every", "keep_checkpoints", "patience", "max_steps")
 
 
 def _pair(name, value):
@@ -79,7 +81,12 @@ class TrainConfig:
       epochs: total number of epochs of the run (a resumed run trains up to this).
       seed: seeds initialisation, data order, augmentation and z samples.
       checkpoint_every: save a checkpoint every this many epochs (and at the end).
-      keep_checkpoints: number of most recent checkpoints kept.
+      keep_checkpoints: number of most recent checkpoints kept (the checkpoint with the
+        lowest validation loss is kept besides them).
+      patience: stop after this many consecutive epochs without a new lowest validation
+        loss (needs validation images); 0 = off.
+      max_steps: stop after this many optimiser steps in total, even inside an epoch;
+        0 = no cap (only `epochs` counts).
       augment: apply `augmentation` on the fly.
       augmentation: the augmentation ranges.
       channels: encoder channels of the ConvVAE.
@@ -94,6 +101,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
+    patience: int = 0
+    max_steps: int = 0
     augment: bool = True
     augmentation: AugmentConfig = AugmentConfig()
     channels: tuple[int, ...] = (16, 32, 64, 256)
@@ -110,6 +119,15 @@ class TrainConfig:
         for name in ("latent_dim", "batch_size", "checkpoint_every", "keep_checkpoints"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("patience", "max_steps"):
+            value = getattr(self, name)
+            try:
+                count = operator.index(value)  # ints (numpy's too), not floats or strings
+            except TypeError:
+                count = -1
+            if isinstance(value, bool) or count < 0:
+                raise ConfigError(f"{name} must be an integer >= 0 (0 = off), got {value!r}")
+            object.__setattr__(self, name, count)
         if self.epochs < 0 or self.beta < 0 or not self.lr > 0:
             raise ConfigError(f"need epochs >= 0, beta >= 0, lr > 0 (got epochs={self.epochs}, "
                               f"beta={self.beta}, lr={self.lr})")

@@ -14,7 +14,22 @@ default_rng((seed, e)). The last partial batch of an epoch is dropped (one compi
 shape; each epoch reshuffles, so every image is used). A resumed run therefore repeats the
 uninterrupted one bit for bit (same machine, device count and execution policy):
 checkpoints hold params, opt_state, the global step and the partial sums of an epoch cut by
-Ctrl-C.
+Ctrl-C or max_steps.
+
+Validation: after every epoch the negative beta-ELBO of the held-out slices, averaged over
+them, without augmentation, with z = mu + sigma * eps and eps fixed for the whole run
+(`validation_eps`: key fold_in(root, 2), which training never uses, one row per image), so
+the losses of different epochs compare like with like. An epoch with a new lowest
+validation loss (strictly lower) is checkpointed, and that checkpoint is kept besides the
+latest ones (jaxvae.checkpoint); `load_run` loads it by default.
+
+When to stop is a pure function of the config, the global step and metrics.jsonl
+(`stop_reason`), so a resumed run stops where the uninterrupted one does: after `epochs`;
+after `patience` epochs without a new best validation loss; or after exactly `max_steps`
+optimiser steps, inside an epoch if need be (that epoch's line is then marked "partial",
+with the validation loss of the step reached; a resume with a larger cap continues the
+epoch and replaces the line). A checkpoint is saved where training stops, the last line
+says why ("stop"), and loss.png shows the train and validation loss against the step.
 """
 
 import contextlib
@@ -36,12 +51,31 @@ from jaxvae.augment import augment_images
 from jaxvae.checkpoint import RunDir, prepare_run_dir
 from jaxvae.config import AugmentConfig, TrainConfig, model_from_config
 from jaxvae.errors import ConfigError, DataError, RunError
+from jaxvae.io import atomic_path
 from jaxvae.model import ConvVAE, init_params
+from jaxvae.score import batches
+
+LOSS_CURVE_FILE = "loss.png"
 
 
 def _root_keys(seed: int):
     root = jax.random.key(seed)
     return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)  # (init, step base)
+
+
+def validation_eps(seed: int, n: int, latent_dim: int) -> np.ndarray:
+    """The fixed noise of the validation loss: z_i = mu_i + sigma_i * eps[i] at every epoch.
+
+    Args:
+      seed: the run's seed; the key is fold_in(key(seed), 2), never used by training.
+      n: number of validation images.
+      latent_dim: latent size l.
+
+    Returns:
+      (n, l) float32 numpy array of N(0, 1) draws, row i for validation image i.
+    """
+    key = jax.random.fold_in(jax.random.key(seed), 2)
+    return np.asarray(jax.random.normal(key, (n, latent_dim), jnp.float32))
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -159,6 +193,175 @@ def train_step_for(cfg: TrainConfig, mesh=None, policy: execution.ExecutionPolic
                            micro_batch=policy.micro_batch)
 
 
+# --------------------------------------------------------------------------- validation
+
+
+@functools.lru_cache(maxsize=32)
+def make_val_step(model: ConvVAE, *, beta: float, mesh=None):
+    """Build the jitted `val_step(params, x, eps)`: per-image losses, no augmentation.
+
+    Args:
+      model: the ConvVAE (as in `make_train_step`, its conv_impl is only how it runs).
+      beta: KL weight.
+      mesh: device mesh (the batch split on `data`, params replicated), or None.
+
+    Returns:
+      val_step(params, x (B, 64, 64) float32, eps (B, l) float32) -> (B, 3) float32:
+        per image the loss, rec and kl of `losses.beta_elbo` at z = mu + sigma * eps.
+    """
+
+    def val_step(params, x, eps):
+        x = x[..., None]
+        x_hat, aux = model.apply({"params": params}, x, eps=eps)
+        return jnp.stack(losses.beta_elbo(x, x_hat, aux["mu"], aux["log_sigma"], beta), axis=1)
+
+    if mesh is None:
+        return jax.jit(val_step)
+    repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(val_step, in_shardings=(repl, data, data), out_shardings=repl)
+
+
+def val_step_for(cfg: TrainConfig, mesh=None, policy: execution.ExecutionPolicy | None = None):
+    """`make_val_step` for a config, with the training conv form of the execution policy.
+
+    Args:
+      cfg: the run's TrainConfig (model, beta).
+      mesh: device mesh, or None for plain jit on the default device.
+      policy: execution policy (default: execution.current()).
+    """
+    policy = execution.current() if policy is None else policy
+    return make_val_step(policy.training_model(model_from_config(cfg)), beta=float(cfg.beta),
+                         mesh=mesh)
+
+
+def validation_loss(val_step, params, images: np.ndarray, eps: np.ndarray, mesh,
+                    batch_size: int) -> dict:
+    """Mean negative beta-ELBO of validation images, in fixed-size padded batches.
+
+    The last batch is padded by repeating the last image (score.batches); the padding is
+    dropped before averaging, so the result does not depend on `batch_size` beyond float
+    rounding, and is the same at every call with the same params.
+
+    Args:
+      val_step: from `make_val_step` / `val_step_for` (with the same mesh).
+      params: model parameters (replicated on the mesh).
+      images: (M, 64, 64) float32 validation slices, M >= 1; every process passes the same.
+      eps: (M, l) noise, `validation_eps`.
+      mesh: device mesh, or None for the default device.
+      batch_size: images per compiled call (a multiple of the mesh size).
+
+    Returns:
+      {"val_loss", "val_rec", "val_kl"}: means over the M images (Python floats).
+    """
+    rows = slice(None) if mesh is None else parallel.process_rows(mesh, batch_size)
+    parts = []
+    for idx, n_real in batches(images.shape[0], batch_size):
+        x, e = images[idx[rows]], eps[idx[rows]]
+        if mesh is not None:
+            x, e = (parallel.shard_batch(a, mesh, batch_size) for a in (x, e))
+        parts.append(np.asarray(val_step(params, x, e))[:n_real])
+    mean = np.concatenate(parts).astype(np.float64).mean(axis=0)
+    return {"val_loss": float(mean[0]), "val_rec": float(mean[1]), "val_kl": float(mean[2])}
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+def stop_reason(history: list[dict], cfg: TrainConfig, step: int,
+                steps_per_epoch: int) -> str | None:
+    """Why training stops at global step `step` after `history`, or None to go on.
+
+    A pure function of its arguments, so a resumed run stops where an uninterrupted one
+    does. Lines marked "partial" (an epoch cut by max_steps) do not count for patience.
+
+    Args:
+      history: metrics.jsonl lines so far.
+      cfg: the run's config (epochs, patience, max_steps).
+      step: global optimiser steps done.
+      steps_per_epoch: optimiser steps per epoch.
+
+    Returns:
+      "patience": the last `cfg.patience` complete epochs brought no val_loss strictly
+      below the best before them; "epochs": all epochs are done; "max_steps": `step`
+      reached cfg.max_steps; None otherwise (checked in this order).
+    """
+    vals = [h["val_loss"] for h in history
+            if not h.get("partial") and h.get("val_loss") is not None]
+    if cfg.patience and vals and len(vals) - 1 - int(np.argmin(vals)) >= cfg.patience:
+        return "patience"  # argmin is the first minimum: equal is not better
+    if step >= cfg.epochs * steps_per_epoch:
+        return "epochs"
+    if cfg.max_steps and step >= cfg.max_steps:
+        return "max_steps"
+    return None
+
+
+def summarize(history: list[dict]) -> dict:
+    """What a finished run did, for a one-line report.
+
+    Args:
+      history: the list `train` returns (or metrics.jsonl's lines).
+
+    Returns:
+      {"steps": optimiser steps done, "epoch": the last epoch line, "stop": why it stopped
+       (None if unknown), "best_val_loss", "best_step": the lowest validation loss and its
+       step, the earliest of equal ones (None without validation)}.
+    """
+    last = history[-1] if history else {}
+    scored = [(h["val_loss"], h["step"]) for h in history if h.get("val_loss") is not None]
+    best = min(scored) if scored else (None, None)
+    return {"steps": last.get("step", 0), "epoch": last.get("epoch", 0),
+            "stop": last.get("stop"), "best_val_loss": best[0], "best_step": best[1]}
+
+
+def write_loss_curve(path, history: list[dict]) -> Path | None:
+    """Save the loss curve: train and validation loss per epoch against the global step.
+
+    The lowest validation loss is marked; the y axis is logarithmic when the losses are
+    positive and span more than a factor of 10. Written atomically (jaxvae.io), replacing
+    an older curve; matplotlib's Figure is used without pyplot, so no global backend state
+    is touched.
+
+    Args:
+      path: output PNG.
+      history: the lines of metrics.jsonl.
+
+    Returns:
+      path, or None when the history is empty (nothing written).
+    """
+    if not history:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], "o-", ms=3,
+            label="train loss (epoch mean)")
+    val = [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    values = [h["loss"] for h in history] + [v for _, v in val]
+    if val:
+        ax.plot(*zip(*val, strict=True), "s-", ms=3, label="validation loss")
+        s = summarize(history)
+        ax.plot([s["best_step"]], [s["best_val_loss"]], "*", ms=14, color="tab:red",
+                label=f"best: {s['best_val_loss']:.4g} at step {s['best_step']}")
+    if min(values) > 0 and max(values) > 10 * min(values):
+        ax.set_yscale("log")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("negative beta-ELBO per image")
+    stop = history[-1].get("stop")
+    ax.set_title(f"{history[-1]['step']} steps" + (f", stopped by {stop}" if stop else ""),
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- state
+
+
 # one compiled function: eager Flax init compiles every small op separately (seconds)
 _init_params = jax.jit(init_params, static_argnums=0)
 
@@ -172,7 +375,7 @@ def init_state(cfg: TrainConfig):
 # --------------------------------------------------------------------------- the loop
 
 
-def _fingerprint(images: np.ndarray) -> str:
+def _fingerprint(images: np.ndarray, what: str = "training") -> str:
     """Check the images are finite and hash them (resume refuses different data)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr(images.shape).encode())
@@ -181,7 +384,7 @@ def _fingerprint(images: np.ndarray) -> str:
         block = np.ascontiguousarray(images[start:start + chunk])
         bad = ~np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)
         if bad.any():
-            raise DataError(f"training image {start + int(np.argmax(bad))} contains NaN or Inf")
+            raise DataError(f"{what} image {start + int(np.argmax(bad))} contains NaN or Inf")
         h.update(memoryview(block).cast("B"))
     return h.hexdigest()
 
@@ -197,6 +400,19 @@ def _check_images(images, cfg: TrainConfig, n_devices: int) -> np.ndarray:
                           f"(batch_size={cfg.batch_size})")
     parallel.check_batch_size(cfg.batch_size, n_devices)
     return images
+
+
+def _check_val_images(val_images) -> np.ndarray | None:
+    """The validation slices as float32, or None for none (None or 0 images)."""
+    if val_images is None:
+        return None
+    if not isinstance(val_images, np.ndarray) or val_images.ndim != 3 or \
+            val_images.shape[1:] != (64, 64):
+        shape = getattr(val_images, "shape", None)
+        raise DataError(f"validation images must be a (M, 64, 64) numpy array, got {shape}")
+    if val_images.shape[0] == 0:
+        return None
+    return val_images.astype(np.float32, copy=False)
 
 
 class _SigintFlag(contextlib.AbstractContextManager):
@@ -279,36 +495,41 @@ class _Epoch:
 
 def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool = False,
           progress: bool = True, overwrite: bool = False, mesh=None,
-          policy: execution.ExecutionPolicy | None = None):
-    """Train a ConvVAE on slices, with checkpoints, exact resume and a NaN guard.
+          policy: execution.ExecutionPolicy | None = None, val_images: np.ndarray | None = None):
+    """Train a ConvVAE on slices, with validation, checkpoints, exact resume and a NaN guard.
 
     Args:
       cfg: the run's TrainConfig; None with resume=True reads run_dir/config.json.
       images: (N, 64, 64) float32 pre-processed slices, N >= batch_size. In a
         multi-process job every process passes the same array (mmap is fine: each
         process reads only the rows of its devices).
-      run_dir: output folder (config.json, metrics.jsonl, checkpoints/), or None to train
-        in memory only.
+      run_dir: output folder (config.json, metrics.jsonl, checkpoints/, loss.png), or None
+        to train in memory only.
       resume: continue from the latest checkpoint in run_dir (from scratch if there is
-        none yet). Only epochs / checkpoint_every / keep_checkpoints may differ from the
-        stored config; the data must be the same.
+        none yet). Only config.SCHEDULE_FIELDS (epochs, checkpoint_every,
+        keep_checkpoints, patience, max_steps) may differ from the stored config; the
+        training and validation images must be the same.
       progress: show a tqdm bar (loss, images/s) on process 0.
       overwrite: replace the config, metrics and checkpoints of an existing run (other
         files in run_dir are left alone).
       mesh: device mesh (default: parallel.make_mesh(), all devices).
       policy: how the step runs on this machine (default: execution.current()); see
         `train_step_for`.
+      val_images: (M, 64, 64) float32 slices of held-out cases (any M; None or M = 0: no
+        validation). Every process passes the same array. Needed for cfg.patience > 0.
 
     Returns:
       (params of the final step as host numpy arrays, history: list of per-epoch dicts
-       with epoch, step, loss, rec, kl (means of the per-step batch means), seconds,
-       images_per_s; on resume it includes the epochs before the checkpoint).
+       with epoch, step (global steps done), loss, rec, kl (means of the per-step batch
+       means), seconds, images_per_s; with validation val_loss, val_rec, val_kl; an epoch
+       cut by max_steps has "partial": True; the last line has "stop": "epochs" |
+       "patience" | "max_steps". On resume it includes the epochs before the checkpoint).
 
     Raises:
       OutputError: run_dir is not empty and neither resume nor overwrite is set.
-      RunError: non-finite loss (the last good checkpoint is kept), a stored checkpoint
-        or config that cannot be resumed.
-      DataError, ConfigError: invalid images or config.
+      RunError: non-finite training or validation loss (the last good checkpoint is
+        kept), a stored checkpoint or config that cannot be resumed.
+      DataError, ConfigError: invalid images or config (e.g. patience without validation).
       KeyboardInterrupt: after Ctrl-C (SIGINT), once a checkpoint of the current step is
         saved (single-process runs).
     """
@@ -320,12 +541,23 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
     elif cfg is None:
         raise ConfigError("train needs a TrainConfig when run_dir is None")
     images = _check_images(images, cfg, mesh.size)
+    val_images = _check_val_images(val_images)
+    if cfg.patience and val_images is None:
+        raise ConfigError(f"patience={cfg.patience} stops on the validation loss, but no "
+                          f"validation images were given; pass val_images or set patience=0")
     n, bsz = images.shape[0], cfg.batch_size
     spe = n // bsz  # steps per epoch: the last partial batch is dropped
-    total = cfg.epochs * spe
-    run = RunDir(run_dir, cfg, {"n_images": n, "batch_size": bsz, "steps_per_epoch": spe,
-                                "fingerprint": _fingerprint(images)})
+    limit = cfg.epochs * spe if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * spe)
+    run = RunDir(run_dir, cfg, {
+        "n_images": n, "batch_size": bsz, "steps_per_epoch": spe,
+        "fingerprint": _fingerprint(images),
+        "val_fingerprint": None if val_images is None else _fingerprint(val_images,
+                                                                         "validation")},
+                 validated=val_images is not None)
     step_fn = train_step_for(cfg, mesh, policy)
+    if val_images is not None:
+        val_fn = val_step_for(cfg, mesh, policy)
+        val_eps = validation_eps(cfg.seed, val_images.shape[0], cfg.latent_dim)
     base_key = _root_keys(cfg.seed)[1]
     rows = parallel.process_rows(mesh, bsz)
     bar = None
@@ -338,30 +570,36 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
             params, opt_state, meta = run.restore(latest, jax.eval_shape(lambda: init_state(cfg)),
                                                   parallel.replicated(mesh))
             start, partial = int(meta["step"]), meta.get("partial")
-        history = run.history(start // spe, rewrite=restore)
-        if start >= total:
-            run.save(start, params, opt_state)  # e.g. epochs=0: still leave a loadable run
-            return jax.device_get(params), history
+        # why a run stopped is recomputed: a resume may change epochs, patience, max_steps
+        history = [{k: v for k, v in h.items() if k != "stop"}
+                   for h in run.history(start, spe, rewrite=restore)]
+        step = start
+        reason = stop_reason(history, cfg, step, spe)
+        if reason is None and history and history[-1].get("partial"):
+            history.pop()  # the epoch cut by max_steps goes on; its full line replaces this
 
-        t0 = time.perf_counter()
-        step_fn.lower(params, opt_state,
-                      jax.ShapeDtypeStruct((bsz, 64, 64), jnp.float32,
-                                           sharding=parallel.batch_sharding(mesh)),
-                      jax.ShapeDtypeStruct(jax.random.key_data(base_key).shape, jnp.uint32,
-                                           sharding=parallel.replicated(mesh))).compile()
-        if progress and run.main:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=total * bsz, initial=start * bsz, unit="img", unit_scale=True,
-                       dynamic_ncols=True,
-                       desc=f"train (compiled in {time.perf_counter() - t0:.1f}s)")
+        if reason is None:
+            t0 = time.perf_counter()
+            step_fn.lower(params, opt_state,
+                          jax.ShapeDtypeStruct((bsz, 64, 64), jnp.float32,
+                                               sharding=parallel.batch_sharding(mesh)),
+                          jax.ShapeDtypeStruct(jax.random.key_data(base_key).shape, jnp.uint32,
+                                               sharding=parallel.replicated(mesh))).compile()
+            if progress and run.main:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=limit * bsz, initial=start * bsz, unit="img", unit_scale=True,
+                           dynamic_ncols=True,
+                           desc=f"train (compiled in {time.perf_counter() - t0:.1f}s)")
 
         with _SigintFlag(enabled=jax.process_count() == 1) as sigint:
-            for epoch in range(start // spe, cfg.epochs):
+            while reason is None:
+                epoch = step // spe
+                end = min((epoch + 1) * spe, limit)  # max_steps may cut the epoch
                 perm = epoch_permutation(cfg.seed, epoch, n)
                 keys = step_keys(base_key, epoch * spe, spe)
                 acc = _Epoch(epoch, spe, bsz, partial, bar)
                 partial = None
-                for i in range(max(start - epoch * spe, 0), spe):
+                for i in range(step - epoch * spe, end - epoch * spe):
                     batch = parallel.shard_batch(images[perm[i * bsz:(i + 1) * bsz][rows]],
                                                  mesh, bsz)
                     params, opt_state, metrics = step_fn(params, opt_state, batch,
@@ -370,19 +608,41 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
                     if sigint.set:
                         break
                 sums = acc.finish()
-                done = epoch * spe + sums["steps"]
-                if done < (epoch + 1) * spe:  # stopped by Ctrl-C inside the epoch
-                    run.save(done, params, opt_state, partial=sums, interrupted=True)
-                    raise KeyboardInterrupt(f"training interrupted at global step {done}; "
+                step = epoch * spe + sums["steps"]
+                if step < end:  # stopped by Ctrl-C inside the epoch
+                    run.save(step, params, opt_state, partial=sums, interrupted=True)
+                    raise KeyboardInterrupt(f"training interrupted at global step {step}; "
                                             f"{run.last_good()}; resume with resume=True")
-                history.append(acc.record(done))
+                cut = step < (epoch + 1) * spe
+                record = acc.record(step)
+                if cut:
+                    record["partial"] = True
+                if val_images is not None:
+                    record.update(validation_loss(val_fn, params, val_images, val_eps, mesh,
+                                                  bsz))
+                    if not math.isfinite(record["val_loss"]):
+                        raise _NonFinite(f"non-finite validation loss ({record['val_loss']}) "
+                                         f"after epoch {epoch + 1}, global step {step}")
+                new_best = _is_new_best(history, record)
+                history.append(record)
+                reason = stop_reason(history, cfg, step, spe)
+                if reason is not None:
+                    record["stop"] = reason
                 run.write_metrics(history)  # before the checkpoint: resume trims extra lines
-                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs \
-                        or sigint.set:
-                    run.save(done, params, opt_state)
-                if sigint.set:
+                if reason is not None or new_best or sigint.set or \
+                        (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                    run.save(step, params, opt_state, partial=sums if cut else None,
+                             val_loss=record.get("val_loss"))
+                if sigint.set and reason is None:
                     raise KeyboardInterrupt(f"training interrupted after epoch {epoch + 1}; "
                                             f"{run.last_good()}; resume with resume=True")
+        # stopped before any step of this call (a finished run resumed, epochs=0...)
+        if history and history[-1].get("stop") != reason:
+            history[-1]["stop"] = reason
+            run.write_metrics(history)
+        run.save(step, params, opt_state)  # no-op when saved above: still a loadable run
+        if run.dir is not None and run.main:
+            write_loss_curve(run.dir / LOSS_CURVE_FILE, history)
     except _NonFinite as e:
         raise RunError(f"{run_dir or 'train'}: {e}; {run.last_good()}. Lower the learning "
                        f"rate or check the data") from None
@@ -391,3 +651,12 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
             bar.close()
         run.close()
     return jax.device_get(params), history
+
+
+def _is_new_best(history: list[dict], record: dict) -> bool:
+    """Whether a finished epoch's val_loss is strictly below every earlier epoch's."""
+    if record.get("val_loss") is None or record.get("partial"):
+        return False
+    earlier = [h["val_loss"] for h in history
+               if not h.get("partial") and h.get("val_loss") is not None]
+    return not earlier or record["val_loss"] < min(earlier)

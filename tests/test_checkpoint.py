@@ -1,8 +1,11 @@
-"""Tests of jaxvae.checkpoint: the run directory, and the failed-read noise dropped only
-while a checkpoint is read (nothing process-wide stays installed)."""
+"""Tests of jaxvae.checkpoint: the run directory (retention of the latest and the best
+checkpoint, metrics history), and the failed-read noise dropped only while a checkpoint is
+read (nothing process-wide stays installed)."""
 
 import asyncio
+import dataclasses
 import gc
+import json
 import logging
 import sys
 import threading
@@ -149,3 +152,46 @@ def test_a_failed_read_keeps_its_late_reports_inside_the_block(recorded, caplog)
     assert hooks() == before
     assert recorded == []
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_retention_keeps_the_latest_and_the_best_across_reopen(tmp_path):
+    cfg = dataclasses.replace(CFG, keep_checkpoints=2)
+    params, opt_state = init_state(cfg)
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def save_all(restore, steps):
+        r = RunDir(run.absolute(), cfg, {"n_images": 16}, validated=True)
+        r.open(overwrite=False, restore=restore)
+        for step, val_loss in steps:  # params tell the steps apart
+            r.save(step, jax.tree.map(lambda a, s=step: a + s, params), opt_state,
+                   val_loss=val_loss)
+        r.close()
+        return checkpoint._steps(run / "checkpoints")
+
+    # step 4: no val loss (as a Ctrl-C inside an epoch), kept by recency only
+    assert save_all(False, [(1, 5.0), (2, 3.0), (3, 4.0), (4, None)]) == [2, 3, 4]
+    # reopened (a resumed run): the best is still known; a tie does not replace it
+    assert save_all(True, [(5, 3.0), (6, 9.0)]) == [2, 5, 6]
+    assert checkpoint.best_step(run) == (2, 3.0)
+    assert checkpoint.best_step(run, "latest") == (6, 9.0)
+    _, loaded, _, info = load_run(run, with_info=True)
+    assert info == {"step": 2, "val_loss": 3.0, "which": "best"}
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b) + 2)
+    _, loaded, _ = load_run(run, 5)
+    np.testing.assert_array_equal(jax.tree.leaves(loaded)[0], jax.tree.leaves(params)[0] + 5)
+
+
+def test_history_keeps_the_partial_line_of_the_step_resumed_from(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"epoch": 1, "step": 3}, {"epoch": 2, "step": 6},
+             {"epoch": 3, "step": 7, "partial": True}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in lines))
+    r = RunDir(run.absolute(), CFG, {})
+    assert r.history(7, 3, rewrite=False) == lines  # stopped by max_steps at step 7
+    assert r.history(8, 3, rewrite=False) == lines[:2]  # a later checkpoint of epoch 3
+    assert r.history(6, 3, rewrite=False) == lines[:2]
+    assert r.history(3, 3, rewrite=True) == lines[:1]
+    assert (run / "metrics.jsonl").read_text() == json.dumps(lines[0]) + "\n"

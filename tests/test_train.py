@@ -1,6 +1,8 @@
-"""Tests of jaxvae.train: config, augmentation, train step, run directory, exact resume."""
+"""Tests of jaxvae.train: config, augmentation, train step, run directory, exact resume,
+validation loss, best checkpoint, patience, max_steps and the loss curve."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -19,11 +21,25 @@ import scipy.ndimage as ndi
 
 from jaxvae import losses
 from jaxvae.augment import affine_resample, augment_batch
-from jaxvae.checkpoint import load_run
-from jaxvae.config import AugmentConfig, TrainConfig, model_from_config
+from jaxvae.checkpoint import best_step, load_run
+from jaxvae.config import SCHEDULE_FIELDS, AugmentConfig, TrainConfig, model_from_config
 from jaxvae.errors import ConfigError, DataError, OutputError, RunError
 from jaxvae.model import ConvVAE
-from jaxvae.train import epoch_permutation, init_state, make_train_step, train
+from jaxvae.train import (
+    epoch_permutation,
+    init_state,
+    make_train_step,
+    stop_reason,
+    summarize,
+    train,
+    val_step_for,
+    validation_eps,
+    validation_loss,
+    write_loss_curve,
+)
+
+# the module itself (jaxvae.train, the attribute of the package, is the function)
+TRAIN_MODULE = sys.modules["jaxvae.train"]
 
 REPO = Path(__file__).resolve().parents[1]
 # one tiny model and optimiser shared by most tests: the compiled step is cached across them
@@ -54,6 +70,11 @@ def ckpt_steps(run_dir) -> list[int]:
 
 def metric_lines(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(line: dict) -> dict:
+    """A metrics line without its wall-clock fields (they differ from run to run)."""
+    return {k: v for k, v in line.items() if k not in ("seconds", "images_per_s")}
 
 
 # --------------------------------------------------------------------------- config
@@ -380,8 +401,9 @@ CHILD = textwrap.dedent("""
     from jaxvae.config import TrainConfig
     from jaxvae.train import train
     run_dir, cfg_json, data, mode = sys.argv[1:5]
+    val = np.load(sys.argv[5]) if len(sys.argv) > 5 else None
     train(TrainConfig.from_dict(json.loads(cfg_json)), np.load(data), run_dir,
-          resume=mode == "resume", progress=False)
+          resume=mode == "resume", progress=False, val_images=val)
 """)
 
 
@@ -396,11 +418,16 @@ def child_env(tmp_path_factory):
     return env
 
 
-def _start_child(tmp_path, run, cfg, data, mode, env):
-    script, npy = tmp_path / "child.py", tmp_path / "data.npy"
+def _start_child(tmp_path, run, cfg, data, mode, env, val=None):
+    script, npy, val_npy = tmp_path / "child.py", tmp_path / "data.npy", tmp_path / "val.npy"
     script.write_text(CHILD)
     np.save(npy, data)
-    return subprocess.Popen([sys.executable, str(script), str(run), cfg.to_json(), str(npy), mode],
+    extra = []
+    if val is not None:
+        np.save(val_npy, val)
+        extra = [str(val_npy)]
+    return subprocess.Popen([sys.executable, str(script), str(run), cfg.to_json(), str(npy), mode,
+                             *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -419,30 +446,34 @@ def _wait_for_checkpoint(proc, run, timeout=120.0):
 EXACT = dict(epochs=10, checkpoint_every=1, keep_checkpoints=2)  # 4 steps/epoch on 64 images
 
 
-def _resume_equals_uninterrupted(tmp_path, run, cfg, data, child_env) -> list:
+def _resume_equals_uninterrupted(tmp_path, run, cfg, data, child_env, val=None) -> list:
     """Resume `run` in a child; its final params must equal an uninterrupted run's, whose
     history is returned."""
-    resumed = _start_child(tmp_path, run, cfg, data, "resume", child_env)
+    resumed = _start_child(tmp_path, run, cfg, data, "resume", child_env, val)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
-    ref_params, ref_hist = train(cfg, data, None, progress=False)
-    _, params, _ = load_run(run)
+    ref_params, ref_hist = train(cfg, data, None, progress=False, val_images=val)
+    _, params, _ = load_run(run, "latest")
     assert leaves_equal(params, ref_params)
     return ref_hist
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, child_env):
-    run, data, cfg = tmp_path / "run", images(64), tiny(**EXACT)
-    proc = _start_child(tmp_path, run, cfg, data, "fresh", child_env)
+    # with validation and patience: the val losses, and so where patience would stop, must
+    # repeat too (on this data the val loss keeps falling: the run ends by epochs)
+    run, data, cfg = tmp_path / "run", images(64), tiny(**EXACT, patience=2)
+    val = images(12, seed=3)
+    proc = _start_child(tmp_path, run, cfg, data, "fresh", child_env, val)
     _wait_for_checkpoint(proc, run)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(ckpt_steps(run))
     assert killed_at < cfg.epochs * 4, "the child finished before it was killed"
-    ref_hist = _resume_equals_uninterrupted(tmp_path, run, cfg, data, child_env)
+    ref_hist = _resume_equals_uninterrupted(tmp_path, run, cfg, data, child_env, val)
     lines = metric_lines(run)
-    assert [h["epoch"] for h in lines] == list(range(1, cfg.epochs + 1))
-    assert [h["loss"] for h in lines] == [h["loss"] for h in ref_hist]
+    assert [h["epoch"] for h in lines] == [h["epoch"] for h in ref_hist]
+    assert [without_timing(h) for h in lines] == [without_timing(h) for h in ref_hist]
+    assert lines[-1]["stop"] == ref_hist[-1]["stop"]
 
 
 @pytest.mark.slow
@@ -459,3 +490,224 @@ def test_sigint_saves_a_checkpoint_and_exits_then_resumes_exactly(tmp_path, chil
     assert max(after) > max(first) and max(after) < cfg.epochs * 4  # saved where it stopped
     ref_hist = _resume_equals_uninterrupted(tmp_path, run, cfg, data, child_env)
     assert [h["loss"] for h in metric_lines(run)] == [h["loss"] for h in ref_hist]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_validation_loss_is_the_beta_elbo_at_fixed_eps():
+    # 21 val images: two batches of 16, the second padded; augmentation on for training only
+    cfg, val = tiny(epochs=2, beta=0.5), images(21, seed=5)
+    params, hist = train(cfg, images(32), None, progress=False, val_images=val)
+    for h in hist:
+        assert np.isclose(h["val_loss"], h["val_rec"] + 0.5 * h["val_kl"], rtol=1e-6)
+    assert hist[0]["val_loss"] != hist[1]["val_loss"]
+    # by hand, with the textbook model: z = mu + sigma * eps, eps from fold_in(key(seed), 2)
+    eps = jax.random.normal(jax.random.fold_in(jax.random.key(cfg.seed), 2), (21, 8))
+    np.testing.assert_array_equal(validation_eps(cfg.seed, 21, 8), eps)
+    x = jnp.asarray(val)[..., None]
+    x_hat, aux = model_from_config(cfg).apply({"params": params}, x, eps=eps)
+    loss, rec, kl = losses.beta_elbo(x, x_hat, aux["mu"], aux["log_sigma"], 0.5)
+    # means of per-image sums of 4096 float32 terms, another conv form: ~1e-6 relative
+    np.testing.assert_allclose([hist[-1]["val_loss"], hist[-1]["val_rec"], hist[-1]["val_kl"]],
+                               [loss.mean(), rec.mean(), kl.mean()], rtol=1e-5)
+    # deterministic, and the padding is ignored whatever the batch size
+    fn = val_step_for(cfg)
+    first = validation_loss(fn, params, val, np.asarray(eps), None, 16)
+    assert first == validation_loss(fn, params, val, np.asarray(eps), None, 16)
+    assert first == {k: hist[-1][k] for k in ("val_loss", "val_rec", "val_kl")}
+    for bsz in (4, 64):
+        other = validation_loss(val_step_for(cfg), params, val, np.asarray(eps), None, bsz)
+        np.testing.assert_allclose(list(other.values()), list(first.values()), rtol=1e-5)
+    # no validation: no val keys; an empty array is no validation too
+    _, plain = train(cfg, images(32), None, progress=False,
+                     val_images=np.zeros((0, 64, 64), np.float32))
+    assert "val_loss" not in plain[-1] and plain[-1]["loss"] == hist[-1]["loss"]
+
+
+def params_hash(params) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for leaf in jax.tree.leaves(jax.device_get(params)):
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+class ScriptedVal:
+    """A stand-in for train.validation_loss that returns scripted values, yet is a pure
+    function of the params (as the real one is): the i-th distinct params seen get
+    values[i], and the same params later (a resumed run) get the same value again."""
+
+    def __init__(self, values):
+        self.values, self.seen = list(values), {}
+
+    def __call__(self, val_step, params, images, eps, mesh, batch_size):
+        key = params_hash(params)
+        if key not in self.seen:
+            self.seen[key] = self.values[len(self.seen)]
+        v = float(self.seen[key])
+        return {"val_loss": v, "val_rec": v, "val_kl": 0.0}
+
+
+VAL = images(5, seed=7)  # fewer than a batch
+
+
+def test_best_checkpoint_is_kept_and_loaded_by_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(TRAIN_MODULE, "validation_loss", ScriptedVal([5, 3, 4, 3, 6, 7]))
+    run = tmp_path / "run"
+    cfg = tiny(epochs=6, checkpoint_every=10, keep_checkpoints=1)  # 32 images: 2 steps/epoch
+    params, hist = train(cfg, images(32), run, progress=False, val_images=VAL)
+    assert [h["val_loss"] for h in metric_lines(run)] == [5, 3, 4, 3, 6, 7]
+    # new bests at epochs 1, 2 (epoch 4 only equals the best); keep 1 latest + the best
+    assert ckpt_steps(run) == [4, 12]
+    assert best_step(run) == (4, 3.0) and best_step(run, "latest") == (12, 7.0)
+    assert summarize(hist) == {"steps": 12, "epoch": 6, "stop": "epochs",
+                               "best_val_loss": 3.0, "best_step": 4}
+    _, best, _, info = load_run(run, with_info=True)
+    assert info == {"step": 4, "val_loss": 3.0, "which": "best"}
+    at_step_4, _ = train(tiny(epochs=2), images(32), None, progress=False)
+    assert leaves_equal(best, at_step_4) and not leaves_equal(best, params)
+    assert leaves_equal(load_run(run, "latest")[1], params)
+    with pytest.raises(ConfigError, match="which"):
+        load_run(run, "newest")
+    with pytest.raises(RunError, match="no checkpoint of step 6"):
+        load_run(run, 6)
+    # strictly lower: a tie does not count; with more kept, each new best was saved
+    monkeypatch.setattr(TRAIN_MODULE, "validation_loss", ScriptedVal([5, 3, 4, 3, 6, 7]))
+    train(dataclasses.replace(cfg, keep_checkpoints=3), images(32), tmp_path / "run3",
+          progress=False, val_images=VAL)
+    assert ckpt_steps(tmp_path / "run3") == [2, 4, 12]
+    # without validation "best" is the latest checkpoint
+    plain = tmp_path / "plain"
+    params, _ = train(tiny(epochs=2, checkpoint_every=1, keep_checkpoints=2), images(32), plain,
+                      progress=False)
+    assert ckpt_steps(plain) == [2, 4] and best_step(plain) == (4, None)
+    assert leaves_equal(load_run(plain)[1], params)
+
+
+def test_patience_stops_and_a_resumed_run_stops_at_the_same_epoch(tmp_path, monkeypatch):
+    # best 3.0 at epoch 4, then 3 epochs without a lower one: patience 3 stops after epoch 7
+    scripted = ScriptedVal([5, 4, 4.5, 3, 3.5, 3.2, 3.0, 2.0, 2.5, 2.6, 2.7, 2.0, 1.0])
+    monkeypatch.setattr(TRAIN_MODULE, "validation_loss", scripted)
+    data, cfg = images(32), tiny(epochs=20, patience=3, checkpoint_every=2)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    params, hist = train(cfg, data, whole, progress=False, val_images=VAL)
+    assert [h["epoch"] for h in hist] == list(range(1, 8))
+    assert hist[-1]["stop"] == "patience" and all("stop" not in h for h in hist[:-1])
+    assert max(ckpt_steps(whole)) == 14  # saved where it stopped
+    assert best_step(whole) == (8, 3.0)
+    assert (whole / "loss.png").is_file()
+    # the same run cut after epoch 5 (by epochs), then resumed with the full schedule
+    train(dataclasses.replace(cfg, epochs=5), data, cut, progress=False, val_images=VAL)
+    assert metric_lines(cut)[-1]["stop"] == "epochs"
+    params2, hist2 = train(cfg, data, cut, resume=True, progress=False, val_images=VAL)
+    assert leaves_equal(params2, params)
+    assert [without_timing(h) for h in metric_lines(cut)] == [without_timing(h) for h in hist]
+    assert [without_timing(h) for h in hist2] == [without_timing(h) for h in hist]
+    # a finished run resumed as it is: nothing trained, same answer
+    params3, hist3 = train(None, data, whole, resume=True, progress=False, val_images=VAL)
+    assert leaves_equal(params3, params) and hist3[-1]["stop"] == "patience"
+    assert len(metric_lines(whole)) == 7
+    # more patience (a schedule field) continues: 2.0 at epoch 8 is a new best, then 4
+    # epochs without a lower one (epoch 12 only equals it)
+    _, hist4 = train(dataclasses.replace(cfg, patience=4), data, whole, resume=True,
+                     progress=False, val_images=VAL)
+    assert [h.get("stop") for h in hist4][6:] == [None] * 5 + ["patience"]
+    assert metric_lines(whole) == hist4 and best_step(whole) == (16, 2.0)
+    # the validation images are part of the run: others are refused
+    with pytest.raises(RunError, match="validation images"):
+        train(cfg, data, cut, resume=True, progress=False, val_images=images(5, seed=8))
+
+
+def test_stop_reason_is_a_function_of_the_history():
+    cfg = tiny(epochs=10, patience=2)
+
+    def lines(*vals):
+        return [{"epoch": i + 1, "val_loss": v} for i, v in enumerate(vals)]
+
+    assert stop_reason(lines(3, 2), cfg, 4, 2) is None
+    assert stop_reason(lines(3, 2, 2.5), cfg, 6, 2) is None
+    assert stop_reason(lines(3, 2, 2.5, 2.0), cfg, 8, 2) == "patience"  # a tie is no better
+    assert stop_reason(lines(3, 2, 2.5, 1.9), cfg, 8, 2) is None
+    # a partial line (epoch cut by max_steps) does not count
+    assert stop_reason(lines(3, 2, 2.5) + [{"epoch": 4, "val_loss": 9, "partial": True}],
+                       cfg, 7, 2) is None
+    assert stop_reason(lines(3, 2), cfg, 20, 2) == "epochs"
+    assert stop_reason([], dataclasses.replace(cfg, max_steps=5), 5, 2) == "max_steps"
+    assert stop_reason([], dataclasses.replace(cfg, max_steps=5), 4, 2) is None
+    assert stop_reason(lines(1, 2, 3), dataclasses.replace(cfg, patience=0), 6, 2) is None
+
+
+def test_max_steps_stops_exactly_and_resume_continues_bit_identically(tmp_path):
+    data, val = images(48), images(6, seed=4)  # 48 images, batch 16: 3 steps per epoch
+    cfg = tiny(epochs=4, checkpoint_every=10, max_steps=5)
+    ref_params, ref_hist = train(dataclasses.replace(cfg, max_steps=0), data, None,
+                                 progress=False, val_images=val)
+    run = tmp_path / "run"
+    params5, hist = train(cfg, data, run, progress=False, val_images=val)
+    # epoch 2 cut after its 2nd step: checkpointed there, its line marked, val of step 5
+    assert [(h["epoch"], h["step"], h.get("partial"), h.get("stop")) for h in hist] == [
+        (1, 3, None, None), (2, 5, True, "max_steps")]
+    assert metric_lines(run) == hist and max(ckpt_steps(run)) == 5
+    assert hist[0] == {**ref_hist[0], "seconds": hist[0]["seconds"],
+                       "images_per_s": hist[0]["images_per_s"]}
+    eps = validation_eps(cfg.seed, 6, cfg.latent_dim)
+    want = validation_loss(val_step_for(cfg), params5, val, eps, None, 16)
+    assert {k: hist[1][k] for k in want} == want
+    assert (run / "loss.png").is_file()
+    # exactly 5 steps: 6 steps (max_steps at an epoch end) = 2 whole epochs differ from it
+    params6, hist6 = train(dataclasses.replace(cfg, max_steps=6), data, None, progress=False,
+                           val_images=val)
+    at_epoch_2, _ = train(tiny(epochs=2), data, None, progress=False, val_images=val)
+    assert leaves_equal(params6, at_epoch_2) and not leaves_equal(params6, params5)
+    assert hist6[-1]["stop"] == "max_steps" and "partial" not in hist6[-1]
+    # resume with a larger cap, then with none: the same as never stopping
+    _, hist_b = train(dataclasses.replace(cfg, max_steps=6), data, run, resume=True,
+                      progress=False, val_images=val)
+    assert [without_timing(h) for h in hist_b] == [without_timing(h) for h in hist6]
+    params, hist = train(dataclasses.replace(cfg, max_steps=0), data, run, resume=True,
+                         progress=False, val_images=val)
+    assert leaves_equal(params, ref_params)
+    assert [without_timing(h) for h in metric_lines(run)] == \
+        [without_timing(h) for h in ref_hist]
+    # max_steps beyond the epochs: the epochs win
+    _, hist = train(dataclasses.replace(cfg, max_steps=100), data, None, progress=False)
+    assert hist[-1]["step"] == 12 and hist[-1]["stop"] == "epochs"
+
+
+def test_loss_curve_is_a_png_written_atomically(tmp_path):
+    import matplotlib.image
+
+    run = tmp_path / "run"
+    train(tiny(epochs=2), images(32), run, progress=False, val_images=VAL)
+    png = run / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(png)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert img[..., :3].std() > 0  # something is drawn
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    # also without validation, and in-memory runs write nothing
+    train(tiny(epochs=1), images(32), tmp_path / "plain", progress=False)
+    assert (tmp_path / "plain" / "loss.png").is_file()
+    assert write_loss_curve(tmp_path / "none.png", []) is None
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_patience_and_max_steps_are_validated_schedule_fields():
+    assert {"patience", "max_steps"} <= set(SCHEDULE_FIELDS)
+    for bad in (dict(patience=-1), dict(max_steps=-3), dict(patience=1.5),
+                dict(max_steps="10")):
+        with pytest.raises(ConfigError, match="patience|max_steps"):
+            tiny(**bad)
+    assert TrainConfig.from_dict({k: v for k, v in tiny().to_dict().items()
+                                  if k not in ("patience", "max_steps")}) == tiny()
+    with pytest.raises(ConfigError, match="patience=2 .*no validation images"):
+        train(tiny(epochs=1, patience=2), images(16), None, progress=False)
+    with pytest.raises(ConfigError, match="validation images"):
+        train(tiny(epochs=1, patience=2), images(16), None, progress=False,
+              val_images=np.zeros((0, 64, 64), np.float32))
+    with pytest.raises(DataError, match=r"validation images must be a \(M, 64, 64\)"):
+        train(tiny(epochs=1), images(16), None, progress=False, val_images=images(3)[:, :32])
+    bad = images(3)
+    bad[1, 0, 0] = np.nan
+    with pytest.raises(DataError, match="validation image 1"):
+        train(tiny(epochs=1), images(16), None, progress=False, val_images=bad)

@@ -17,8 +17,9 @@ EPILOG = {
              "--folds 2 --fold 0 --latent-dim 64 --epochs 100 --out runs/l64-f0",
     "score": "example: jaxvae score --run runs/l64-f0 --input case_flair.nii.gz "
              "--predictors rec_grad,kl_grad --out maps/ --png",
-    "evaluate": "example: jaxvae evaluate --run runs/l64-f0 --out results/l64-f0 "
-                "(data, modality and split default to those of the run)",
+    "evaluate": "example: jaxvae evaluate --run runs/l64-f0 --out results/l64-f0 (the run's "
+                "own test cases), or --data ../shared/data/brats2021_t2 (every case of another "
+                "dataset); thresholds and the ensemble come from the run's validation cases",
     "demo": "example: jaxvae demo --out demo_out --quick",
     "bench": "example: jaxvae bench --batch-size 64 256 --out bench.json",
 }
@@ -43,7 +44,8 @@ def _non_negative(s):
 def _eval_args(p):
     p.add_argument("--predictors", default=None,
                    help="comma-separated subset of rec_error,rec_grad,kl_grad,elbo_grad,combi,"
-                        "proj_rec_error (default: all)")
+                        "proj_rec_error (default: these, the paper's) and the one-signed "
+                        "rec_pos,rec_grad_pos (hyperintense lesions: FLAIR, T2)")
     p.add_argument("--batch-size", type=_positive(int), default=64)
     p.add_argument("--smooth-sigma", type=_non_negative, default=3.0,
                    help="Gaussian sigma (pixels) of the gradient maps; 0 disables")
@@ -57,10 +59,10 @@ def _eval_args(p):
 
 
 def _settings(args, **extra):
-    from jaxvae.evaluate import ALL_PREDICTORS, EvalSettings
+    from jaxvae.evaluate import ALL_PREDICTORS, KNOWN_PREDICTORS, EvalSettings
     from jaxvae.predictors import check_predictors
 
-    preds = check_predictors(args.predictors, ALL_PREDICTORS)
+    preds = check_predictors(args.predictors, KNOWN_PREDICTORS, ALL_PREDICTORS)
     if args.proj_steps < 0 or args.n_samples < 0 or args.combi_group < 0:
         raise ConfigError("--proj-steps, --n-samples and --combi-group must be >= 0")
     return EvalSettings(predictors=preds, batch_size=args.batch_size,
@@ -94,8 +96,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive(float), default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds", type=_positive(int), default=1,
-                   help="K-fold cross-validation by case (1: healthy cases train)")
+                   help="K-fold cross-validation by case (1: healthy cases train, or, without "
+                        "any, the lesion-free slices of every case)")
     p.add_argument("--fold", type=int, default=0, help="which fold is held out for testing")
+    p.add_argument("--split", type=Path, default=None,
+                   help='split.json {"train": [...], "val": [...], "test": [...]} of case IDs '
+                        "(instead of --folds)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of the training cases held out for validation (at least one)")
+    p.add_argument("--patience", type=int, default=0,
+                   help="stop after this many epochs without a better validation loss (0: off)")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop after this many optimiser steps (0: no cap)")
     p.add_argument("--max-slices", type=_positive(int), default=None,
                    help="cap the training set (a seeded random subset)")
     p.add_argument("--checkpoint-every", type=_positive(int), default=10, help="in epochs")
@@ -114,15 +126,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action="store_true", help="also write an overview figure")
     p.add_argument("--strict", action="store_true", help="stop at the first bad volume")
     p.add_argument("--volume-index", type=int, default=None, help="volume of a 4D input")
+    p.add_argument("--modality", default=None,
+                   help="score an input whose name says another sequence than the run's")
     _eval_args(p)
 
     p = verb("evaluate", "score a test set: results.json and results.md")
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--data", default=None, help="default: the run's training data")
-    p.add_argument("--modality", default=None)
-    p.add_argument("--folds", type=_positive(int), default=None)
-    p.add_argument("--fold", type=int, default=None)
+    p.add_argument("--data", default=None,
+                   help="default: the run's own data (its test cases); another dataset: every "
+                        "case of it is scored")
+    p.add_argument("--modality", default=None, help="default: the run's modality")
+    p.add_argument("--val-quantile", type=float, default=0.99,
+                   help="with healthy validation cases: the threshold is this quantile of "
+                        "their brain pixels' scores")
+    p.add_argument("--n-boot", type=int, default=1000,
+                   help="bootstrap resamples of the test cases for 95%% intervals (0: none)")
     p.add_argument("--postprocess", action="store_true",
                    help="add rows with brain-mask erosion + median filter (Baur et al. 2021)")
     _eval_args(p)
@@ -148,66 +167,113 @@ def cmd_train(args):
 
     _check_outputs(args.out, [], args.overwrite)  # a file in the way: refuse before loading
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # and a used run dir
+    if args.split and (args.folds > 1 or args.fold):
+        raise ConfigError("give either --split or --folds/--fold, not both")
     if args.coordinator:
         from jaxvae.parallel import initialize_distributed
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     slices, desc = datasets.load_dataset(args.data, args.modality, progress=True)
-    train_set, test_set = splits.split(slices, folds=args.folds, fold=args.fold, seed=args.seed)
+    if args.split:
+        split = splits.read_split(args.split, slices.cases)
+    else:
+        split = splits.make_split(slices, folds=args.folds, fold=args.fold, seed=args.seed,
+                                  val_fraction=args.val_fraction)
+    train_set, val_set, _ = split.slices(slices)
+    if not len(train_set):
+        raise ConfigError(f"{args.data}: the training cases have no lesion-free slice")
     if args.max_slices and len(train_set) > args.max_slices:
         import numpy as np
         keep = np.sort(np.random.default_rng(args.seed).choice(len(train_set), args.max_slices,
                                                                 replace=False))
         train_set = train_set.subset(keep)
     data = splits.split_description(desc, folds=args.folds, fold=args.fold, seed=args.seed,
-                                      train=train_set, test=test_set)
+                                      split=split, n_train_slices=len(train_set))
     cfg = TrainConfig(latent_dim=args.latent_dim, beta=args.beta, lr=args.lr,
                       batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
                       checkpoint_every=args.checkpoint_every, augment=not args.no_augment,
-                      augmentation=AugmentConfig(), data=data)
+                      augmentation=AugmentConfig(), patience=args.patience,
+                      max_steps=args.max_steps, data=data)
     t0 = time.time()
-    _, history = train(cfg, train_set.images, args.out, resume=args.resume,
-                       overwrite=args.overwrite)
-    last = history[-1] if history else {}
-    print(f"trained {len(train_set)} slices of {len(train_set.cases)} cases, "
-          f"{len(history)} epochs in {time.time() - t0:.0f} s, final loss "
-          f"{last.get('loss', float('nan')):.1f}; run directory: {args.out}")
+    try:
+        _, history = train(cfg, train_set.images, args.out, resume=args.resume,
+                           overwrite=args.overwrite, val_images=val_set.lesion_free().images)
+    finally:
+        if (args.out / "config.json").is_file():  # the run exists: its split beside it
+            splits.write_split(split, args.out / "split.json", overwrite=True)
+    sick = set(slices.case_ids[slices.lesion.any(axis=(1, 2))].tolist())
+    what = ("the lesion-free slices of " if sick & set(split.train) else "") + \
+        f"{len(train_set)} slices of {len(split.train)} cases"
+    print(f"trained on {what}; {_progress_line(history)} in {time.time() - t0:.0f} s; "
+          f"{len(split.val)} validation, {len(split.test)} test cases; run directory: "
+          f"{args.out} (split.json, metrics.jsonl, loss.png)")
+
+
+def _progress_line(history) -> str:
+    """'N optimiser steps (E epochs, stopped by ...), best val loss X at step S'."""
+    from jaxvae.train import summarize
+
+    if not history:
+        return "no epoch trained"
+    s = summarize(history)
+    line = f"{s['steps']} optimiser steps ({s['epoch']} epochs, stopped by {s['stop']})"
+    line += f", final loss {history[-1]['loss']:.1f}"
+    if s.get("best_val_loss") is not None:
+        line += f", best val loss {s['best_val_loss']:.1f} at step {s['best_step']}"
+    return line
+
+
+def _same_data(a, b) -> bool:
+    if "phantom" in (str(a), str(b)):
+        return str(a) == str(b)
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _run_and_data(args):
-    """The run and the test slices it should be evaluated on (defaults from its config)."""
+    """The run, its test slices and its validation slices (see `cmd_evaluate`)."""
     from jaxvae.checkpoint import load_run
     from jaxvae.data import datasets, splits
 
-    model, params, cfg = load_run(args.run)
+    model, params, cfg, info = load_run(args.run, with_info=True)  # the best-val checkpoint
     d = cfg.data or {}
-    data = args.data or d.get("path")
-    if data is None:
-        raise ConfigError(f"{args.run}: the run records no data path; give --data")
-    if d.get("source") == "phantom" and args.data is None:
-        data = "phantom"
+    own = "phantom" if d.get("source") == "phantom" else d.get("path")
     modality = args.modality or d.get("modality") or "t2"
-    folds = args.folds or d.get("folds", 1)
-    fold = d.get("fold", 0) if args.fold is None else args.fold
-    slices, _ = datasets.load_dataset(data, modality, progress=True)
-    _, test = splits.split(slices, folds=folds, fold=fold, seed=d.get("split_seed", cfg.seed))
-    if not len(test):
-        raise ConfigError(f"{data}: no test slices for folds={folds} fold={fold}")
-    return model, params, cfg, test
+    split = splits.run_split(d)
+    if own is None and args.data is None:
+        raise ConfigError(f"{args.run}: the run records no data path; give --data")
+    val = None
+    if own is not None and split is not None and split.val:
+        if own != "phantom" and not Path(own).exists():
+            raise ConfigError(f"{args.run}: its validation cases are in {own}, which is gone; "
+                              "thresholds and the ensemble are fitted on them")
+        slices, _ = datasets.load_dataset(own, modality, progress=True)
+        val = slices.for_cases(split.val)
+    if args.data is None or (own is not None and _same_data(args.data, own)):
+        if split is None or not split.test:
+            raise ConfigError(f"{args.run}: the run holds out no test case of {own} (it trained "
+                              "on every case); evaluate it on another dataset with --data")
+        slices, _ = datasets.load_dataset(own, modality, progress=True)
+        test = slices.for_cases(split.test)
+    else:  # another dataset: every case of it
+        test, _ = datasets.load_dataset(args.data, modality, progress=True)
+    return model, params, cfg, test, val, info
 
 
 def cmd_evaluate(args):
     from jaxvae.evaluate import score_dataset, write_results
 
-    _check_outputs(args.out, ["results.json", "results.md"], args.overwrite)
-    settings = _settings(args, postprocess=args.postprocess)  # bad flags before slow loading
-    model, params, cfg, test = _run_and_data(args)
-    results, _ = score_dataset(model, params, test, beta=cfg.beta, settings=settings,
+    _check_outputs(args.out, ["results.json", "results.md", "per_case.csv"], args.overwrite)
+    if not 0 < args.val_quantile < 1 or args.n_boot < 0:
+        raise ConfigError("--val-quantile must be in (0, 1) and --n-boot >= 0")
+    settings = _settings(args, postprocess=args.postprocess, val_quantile=args.val_quantile,
+                         n_boot=args.n_boot)  # bad flags before slow loading
+    model, params, cfg, test, val, info = _run_and_data(args)
+    results, _ = score_dataset(model, params, test, val=val, beta=cfg.beta, settings=settings,
                                progress=True, keep=())  # no maps kept: memory of a batch
-    results["run"] = str(args.run)
+    results["run"] = {"path": str(args.run), "checkpoint": info}
     md = write_results(results, args.out, overwrite=args.overwrite,
                        title=f"jaxvae evaluate {args.run}")
     print(md)
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    print(f"wrote {args.out / 'results.json'}, results.md and per_case.csv")
 
 
 def cmd_score(args):
@@ -217,6 +283,7 @@ def cmd_score(args):
     settings = _settings(args)  # bad flags before slow loading
     _check_outputs(args.out, [], args.overwrite)
     model, params, cfg = load_run(args.run)
+    trained = (cfg.data or {}).get("modality")
     if args.input.is_dir():
         inputs = sorted(p for p in args.input.iterdir()
                         if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
@@ -228,6 +295,8 @@ def cmd_score(args):
         inputs = [args.input]
     else:
         raise ConfigError(f"{args.input}: no such file or folder")
+    for path in inputs:
+        check_modality(path, trained, args.modality)
     from tqdm.auto import tqdm
 
     written, failed = [], []
@@ -248,6 +317,18 @@ def cmd_score(args):
     if failed:
         return 1
     return 0
+
+
+def check_modality(path, trained, asked):
+    """Refuse an input named as another sequence than the run's, unless --modality says so."""
+    from jaxvae.data.datasets import modality_of, same_modality
+
+    named = modality_of(path)
+    if trained is None or named is None or same_modality(named, trained):
+        return
+    if asked is None or not same_modality(asked, named):
+        raise ConfigError(f"{path}: its name says {named}, the run was trained on {trained}; "
+                          f"pass --modality {named} to score it anyway")
 
 
 def _check_outputs(out_dir, names, overwrite):

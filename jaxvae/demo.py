@@ -39,23 +39,28 @@ def run_demo(out_dir, *, quick=False, overwrite=False, modality="t2", seed=0):
                         seed=seed, overwrite=overwrite)
     cases = find_brats_cases(out_dir / "data", modality)
     slices = load_slices(cases)
-    train_set, test_set = splits.split(slices)
-    print(f"[2/5] {len(train_set)} healthy training slices, {len(test_set)} test slices of "
-          f"{len(test_set.cases)} lesion cases")
+    split = splits.make_split(slices, seed=seed)
+    train_set, val_set, test_set = split.slices(slices)
+    print(f"[2/5] {len(train_set)} healthy training slices; validation cases "
+          f"{', '.join(split.val)}; {len(test_set)} test slices of {len(test_set.cases)} "
+          "lesion cases")
 
     cfg = TrainConfig(latent_dim=64, beta=1.0, lr=1e-3 if quick else 5e-4, batch_size=64,
                       epochs=plan["epochs"], seed=seed,
                       checkpoint_every=max(1, plan["epochs"] // 2),
                       data={"source": "phantom", "path": str(out_dir / "data"),
-                            "modality": modality, "folds": 1, "fold": 0, "split_seed": seed})
+                            "modality": modality, "folds": 1, "fold": 0, "split_seed": seed,
+                            "split": split.to_dict()})
     print(f"[3/5] training a VAE (latent 64) for {cfg.epochs} epochs")
-    params, _ = train(cfg, train_set.images, out_dir / "run", overwrite=overwrite)
+    params, _ = train(cfg, train_set.images, out_dir / "run", overwrite=overwrite,
+                      val_images=val_set.lesion_free().images)
+    splits.write_split(split, out_dir / "run" / "split.json", overwrite=overwrite)
     model = model_from_config(cfg)
 
     print("[4/5] scoring every predictor, projection, ensemble and the intensity baseline")
     settings = EvalSettings(proj_steps=plan["proj_steps"], seed=seed)
-    results, maps = score_dataset(model, params, test_set, beta=cfg.beta, settings=settings,
-                                  progress=True)
+    results, maps = score_dataset(model, params, test_set, val=val_set, beta=cfg.beta,
+                                  settings=settings, progress=True)
     results["demo"] = {"quick": quick, **plan, "lr": cfg.lr}
     md = write_results(results, out_dir, overwrite=overwrite, title="jaxvae demo (phantom data)")
 

@@ -79,7 +79,8 @@ def test_demo_quick_end_to_end(tmp_path):
     rows = res["predictors"]
     assert set(rows) >= {"rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi",
                          "proj_rec_error", "intensity"}
-    assert "ensemble" in res
+    assert "ensemble" in rows and res["calibration"]["method"] == "val_best_dice"
+    assert (out / "per_case.csv").is_file() and (out / "run" / "split.json").is_file()
     best = max(rows[p]["auroc"] for p in ("rec_grad", "elbo_grad", "kl_grad"))
     assert best > 0.8, rows  # chance is 0.5
     assert "| rec_grad |" in proc.stdout

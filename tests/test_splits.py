@@ -1,3 +1,5 @@
+import json
+
 import jax
 import jax.numpy as jnp
 import nibabel as nib
@@ -22,22 +24,61 @@ def _set(case_lesion):
 
 
 def test_split_healthy_cohort_trains_and_lesion_cases_test():
-    train, test = splits.split(_set([False, False, True, True]))
-    assert train.cases == ["c0", "c1"] and test.cases == ["c2", "c3"]
-    assert not train.lesion.any()
+    s = _set([False] * 10 + [True] * 10)
+    split = splits.make_split(s, seed=3)
+    healthy, sick = {f"c{i}" for i in range(10)}, {f"c{i}" for i in range(10, 20)}
+    # ~10 % of each held out: one healthy case (validation loss), one lesion case (thresholds)
+    assert len(set(split.val) & healthy) == 1 and len(set(split.val) & sick) == 1
+    assert set(split.train) == healthy - set(split.val)
+    assert set(split.test) == sick - set(split.val)
+    train, val, test = split.slices(s)
+    assert not train.lesion.any() and train.cases == list(split.train)
+    assert val.cases == list(split.val) and test.cases == list(split.test)
+    assert splits.make_split(s, seed=3) == split and splits.make_split(s, seed=4) != split
 
 
-def test_split_cross_validation_uses_lesion_free_slices_by_case():
+def test_split_without_healthy_case_trains_on_lesion_free_slices_of_every_case():
     s = _set([True] * 6)
-    with pytest.raises(ConfigError, match="--folds 2"):
-        splits.split(s)
+    split = splits.make_split(s)
+    assert len(split.val) == 1 and not split.test  # the test is another dataset
+    assert sorted([*split.train, *split.val]) == s.cases
+    train, val, _ = split.slices(s)
+    assert not train.lesion.any() and len(train) == len(split.train)  # one healthy slice each
+    assert val.lesion.any()  # validation cases keep their lesion slices (thresholds)
+    assert splits.make_split(s, val_fraction=0).val == ()
+
+
+def test_split_cross_validation_holds_out_validation_from_the_training_folds():
+    s = _set([True] * 20)
     seen = set()
     for fold in range(2):
-        train, test = splits.split(s, folds=2, fold=fold)
-        assert not set(train.cases) & set(test.cases)
-        assert not train.lesion.any() and len(train) == len(train.cases)  # one healthy slice each
-        seen |= set(test.cases)
+        split = splits.make_split(s, folds=2, fold=fold)
+        assert len(split.test) == 10 and len(split.val) == 1 and len(split.train) == 9
+        seen |= set(split.test)
     assert seen == set(s.cases)
+
+
+def test_split_file_round_trip_and_refusals(tmp_path):
+    s = _set([False, False, True, True])
+    split = splits.make_split(s, val_fraction=0.5)
+    path = tmp_path / "split.json"
+    splits.write_split(split, path)
+    assert json.loads(path.read_text()) == split.to_dict()
+    assert splits.read_split(path, s.cases) == split
+    bad = {"two parts": ({"train": ["c0", "c1"], "test": ["c1"]}, "both 'train' and 'test'"),
+           "unknown": ({"train": ["c0", "nope"]}, "not in the dataset.*'nope'"),
+           "empty train": ({"train": [], "val": ["c0"]}, "no training case"),
+           "extra key": ({"train": ["c0"], "tset": ["c1"]}, "keys"),
+           "not ids": ({"train": "c0"}, "list of case ID")}
+    for name, (content, msg) in bad.items():
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps(content))
+        with pytest.raises(ConfigError, match=msg) as e:
+            splits.read_split(f, s.cases)
+        assert str(f) in str(e.value)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match="broken.json: not valid JSON"):
+        splits.read_split(tmp_path / "broken.json", s.cases)
 
 
 def test_find_cases_kinds(tmp_path):

@@ -36,7 +36,7 @@ _WRAPPER = ("import json, resource, subprocess, sys, time\n"
 _LOAD_ONLY = ("import sys\n"
               "from jaxvae.data import datasets, splits\n"
               "s, _ = datasets.load_dataset(sys.argv[1], 't2')\n"
-              "splits.split(s)\n")
+              "splits.make_split(s).slices(s)\n")
 
 
 def measure(cmd, env, cwd) -> dict:
@@ -91,17 +91,19 @@ def main(argv=None) -> int:
         data[n] = datasets.phantom_dataset(work / f"phantom-{n}", n_healthy=args.healthy,
                                            n_lesion=n - args.healthy)
         slices, _ = datasets.load_dataset(data[n], "t2")  # writes the slice cache
-        _, test = splits.split(slices)
+        split = splits.make_split(slices)
+        _, _, test = split.slices(slices)
         generate[n] = {"generate_load_seconds": round(time.perf_counter() - t0, 1),
                        "test_cases": len(test.cases), "test_slices": len(test)}
         if n == sizes[0]:
-            train_set = splits.split(slices)[0]
+            train_set, first_split = split.slices(slices)[0], split
         del slices, test
 
     run = work / "run"
     cfg = TrainConfig(latent_dim=16, batch_size=32, epochs=1, checkpoint_every=1,
                       data={"source": "brats", "path": str(data[sizes[0]]), "modality": "t2",
-                            "folds": 1, "fold": 0, "split_seed": 0})
+                            "folds": 1, "fold": 0, "split_seed": 0,
+                            "split": first_split.to_dict()})
     t0 = time.perf_counter()
     reused = (run / "config.json").exists()  # a previous invocation's run, same settings
     if not reused:

@@ -50,6 +50,18 @@ def _aliases(modality: str) -> tuple[str, ...]:
     return (m,)
 
 
+def same_modality(a: str, b: str) -> bool:
+    """Whether two modality names are the same sequence (BraTS aliases included)."""
+    return b.lower() in _aliases(a)
+
+
+def modality_of(path) -> str | None:
+    """The BraTS modality a file's name ends in (`<ID>_flair.nii.gz` -> "flair"), or None."""
+    stem = nifti.volume_stem(Path(path)).lower()
+    return next((m for group in _MODALITY_GROUPS for m in group
+                 if stem.endswith((f"_{m}", f"-{m}"))), None)
+
+
 def _match(folder: Path, files: list[Path], names: tuple[str, ...], what: str) -> Path | None:
     """The one file whose stem ends in _<name> or -<name> (2023 uses '-'), or None."""
     hits = [p for p in files
@@ -326,7 +338,10 @@ def find_cases(data, modality="t2"):
     if path.is_file():
         desc = {"source": "volume", "path": str(path)}
         return [Case(case_id=nifti.volume_stem(path), image_path=path)], desc
-    if any(p.is_dir() for p in path.iterdir()) or (path / "dataset.json").exists():
+    single_case = any(nifti.volume_stem(p).lower().endswith(("_seg", "-seg"))
+                      for p in _niftis(path))  # one BraTS case folder
+    if single_case or any(p.is_dir() for p in path.iterdir()) \
+            or (path / "dataset.json").exists():
         return find_brats_cases(path, modality), {"source": "brats", "path": str(path),
                                                   "modality": modality}
     return find_volumes(path), {"source": "healthy", "path": str(path)}

@@ -1,17 +1,65 @@
-"""Splits by case (REFERENCE.md §4), never by slice.
+"""Splits by case (REFERENCE.md §4), never by slice: train, validation and test cases.
 
-- folds > 1: K-fold cross-validation by case; training uses the lesion-free slices of the
-  training cases, testing all brain slices of the test cases.
-- folds == 1: cases without any lesion train (a healthy cohort, as HCP in the paper),
-  cases with lesions test.
+A split is data: three lists of case IDs, written into every run directory as split.json
+(`{"train": [...], "val": [...], "test": [...]}`) and readable back with `read_split`.
+`make_split` chooses one from a dataset:
+
+- folds > 1: K-fold cross-validation by case; fold i's cases test.
+- folds == 1 and some cases have no lesion: those healthy cases train (a healthy cohort, as
+  HCP in the paper), the cases with lesions test.
+- folds == 1 and every case has a lesion: every case trains on its lesion-free slices;
+  nothing is held out for testing (evaluate the run on another dataset).
+
+Validation cases are whole cases held out of training, chosen by case with the seed:
+~`val_fraction` of the training cases (at least one when there are two or more), and, when
+the training cohort is healthy and there are at least two lesion cases, also ~`val_fraction`
+of those (at least one), so that thresholds and the ensemble can be fitted on lesions that
+are not test lesions. Training uses the lesion-free slices of the training cases, the
+validation loss those of the validation cases.
 """
 
+import dataclasses
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 
 from jaxvae.data.datasets import SliceSet
 from jaxvae.errors import ConfigError
+from jaxvae.io import write_text
+
+PARTS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Case IDs of the training, validation and test parts (disjoint, each sorted)."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...] = ()
+    test: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for part in PARTS:
+            object.__setattr__(self, part, tuple(sorted(str(c) for c in getattr(self, part))))
+        seen = {}
+        for part in PARTS:
+            for c in getattr(self, part):
+                if c in seen:
+                    raise ConfigError(f"case {c!r} is in both {seen[c]!r} and {part!r}; a case "
+                                      "belongs to one part only")
+                seen[c] = part
+        if not self.train:
+            raise ConfigError("the split has no training case")
+
+    def to_dict(self) -> dict:
+        return {part: list(getattr(self, part)) for part in PARTS}
+
+    def slices(self, slices: SliceSet) -> tuple[SliceSet, SliceSet, SliceSet]:
+        """(training slices: lesion-free, validation slices: all, test slices: all)."""
+        return (slices.for_cases(self.train).lesion_free(), slices.for_cases(self.val),
+                slices.for_cases(self.test))
 
 
 def split_cases(case_ids, n_folds: int, fold: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -42,27 +90,102 @@ def split_cases(case_ids, n_folds: int, fold: int, seed: int = 0) -> tuple[list[
     return sorted(ids[~test].tolist()), sorted(ids[test].tolist())
 
 
-def split(slices: SliceSet, *, folds=1, fold=0, seed=0):
-    """(train SliceSet of lesion-free slices, test SliceSet) by case; see the module doc."""
+def _held_out(ids, fraction: float, seed: int, salt: int) -> list[str]:
+    """~fraction of ids (at least one of two or more, never all), drawn with the seed."""
+    ids = sorted(ids)
+    if fraction <= 0 or len(ids) < 2:
+        return []
+    n = min(max(math.floor(fraction * len(ids) + 0.5), 1), len(ids) - 1)
+    perm = np.random.default_rng((seed, salt)).permutation(len(ids))
+    return sorted(ids[i] for i in perm[:n])
+
+
+def make_split(slices: SliceSet, *, folds: int = 1, fold: int = 0, seed: int = 0,
+               val_fraction: float = 0.1) -> Split:
+    """The default split of a dataset (see the module doc).
+
+    Args:
+      slices: every slice of the dataset (case IDs and lesion masks are used).
+      folds, fold: K-fold cross-validation by case (folds=1: no folds).
+      seed: seeds the fold and the validation draws.
+      val_fraction: fraction of the training cases held out for validation, in [0, 1).
+
+    Returns:
+      the Split.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    sick = set(np.unique(slices.case_ids[slices.lesion.any(axis=(1, 2))]).tolist())
     if folds > 1:
-        train_ids, test_ids = split_cases(slices.case_ids, folds, fold, seed)
-    else:
-        if fold != 0:
-            raise ConfigError(f"fold {fold} given without --folds > 1")
-        sick = np.unique(slices.case_ids[slices.lesion.any(axis=(1, 2))])
-        train_ids = sorted(set(slices.cases) - set(sick.tolist()))
-        test_ids = sorted(sick.tolist())
-        if not train_ids:
-            raise ConfigError("every case has a lesion, so there is no healthy cohort to train "
-                              "on: use cross-validation (--folds 2) to train on the lesion-free "
-                              "slices of half of the cases")
-    train = slices.for_cases(train_ids).lesion_free()
-    test = slices.for_cases(test_ids)
-    return train, test
+        train, test = split_cases(slices.case_ids, folds, fold, seed)
+        return Split(*_without(train, _held_out(train, val_fraction, seed, 1)), test)
+    if fold != 0:
+        raise ConfigError(f"fold {fold} given without --folds > 1")
+    healthy = sorted(set(slices.cases) - sick)
+    if not healthy:  # every case has a lesion: their lesion-free slices train
+        return Split(*_without(slices.cases, _held_out(slices.cases, val_fraction, seed, 1)))
+    val_sick = _held_out(sick, val_fraction, seed, 2)
+    train, val = _without(healthy, _held_out(healthy, val_fraction, seed, 1))
+    return Split(train, [*val, *val_sick], sorted(sick - set(val_sick)))
 
 
-def split_description(desc, *, folds, fold, seed, train: SliceSet, test: SliceSet) -> dict:
+def _without(ids, held):
+    return [c for c in ids if c not in held], held
+
+
+def read_split(path, cases=None) -> Split:
+    """Read a split.json, refusing anything that is not a valid split of `cases`.
+
+    Args:
+      path: JSON file `{"train": [...], "val": [...], "test": [...]}` of case IDs ("val" and
+        "test" may be missing or empty).
+      cases: the dataset's case IDs; IDs outside it are refused (None: not checked).
+
+    Raises:
+      ConfigError: unreadable file, bad JSON or structure, unknown IDs, a case in two parts
+        or no training case; the message names the file.
+    """
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read split file ({e.strerror})") from None
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or set(d) - set(PARTS):
+        extra = sorted(set(d) - set(PARTS)) if isinstance(d, dict) else type(d).__name__
+        raise ConfigError(f"{path}: a split file is a JSON object with keys {list(PARTS)} "
+                          f"(lists of case IDs); got {extra}")
+    for part, v in d.items():
+        if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
+            raise ConfigError(f"{path}: {part!r} must be a list of case ID strings")
+    try:
+        split = Split(**{part: d.get(part, []) for part in PARTS})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if cases is not None:
+        unknown = sorted(set().union(*map(set, split.to_dict().values())) - set(cases))
+        if unknown:
+            raise ConfigError(f"{path}: {len(unknown)} case(s) not in the dataset, e.g. "
+                              f"{unknown[0]!r} (the dataset has {len(set(cases))} cases)")
+    return split
+
+
+def write_split(split: Split, path, *, overwrite: bool = False) -> None:
+    """Write split.json (atomically)."""
+    write_text(Path(path), json.dumps(split.to_dict(), indent=1) + "\n", overwrite=overwrite)
+
+
+def split_description(desc, *, folds, fold, seed, split: Split, n_train_slices: int) -> dict:
     """JSON-able record of which data and split a run used (stored in its config)."""
     return json.loads(json.dumps({**desc, "folds": folds, "fold": fold, "split_seed": seed,
-                                  "train_cases": train.cases, "test_cases": test.cases,
-                                  "n_train_slices": len(train)}))
+                                  "split": split.to_dict(), "n_train_slices": n_train_slices}))
+
+
+def run_split(data: dict) -> Split | None:
+    """The split recorded in a run's config `data` (older runs: train/test lists only)."""
+    if "split" in data:
+        return Split(**data["split"])
+    if data.get("train_cases"):
+        return Split(data["train_cases"], (), data.get("test_cases", ()))
+    return None

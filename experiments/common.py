@@ -1,17 +1,23 @@
-"""Shared machinery of the experiment scripts: data, folds, cached training runs, pooling.
+"""Shared machinery of the experiment scripts: data, folds, cached training runs, scoring.
 
 Default data: the embedded phantoms (healthy cases train, lesion cases test; minutes).
 With `--data ../shared/data/brats2018_flair --modality flair`: K-fold cross-validation by
-case (default 2): train on the lesion-free slices of one fold, test on all slices of the
-other, both ways; maps of all folds are pooled before the metrics are computed.
+case (default 2). In each fold the training folds' cases minus ~10 % (one case here) train
+on their lesion-free slices; the held-out validation case gives the validation loss (which
+picks the checkpoint and stops training: --patience, --max-steps), the thresholds of
+"Dice (val. threshold)" and the ensembles; the test fold is scored by its own fold's model.
+Results per fold and pooled over the folds' test cases, with 95 % intervals by bootstrap
+over cases; with several --seeds, every seed is a separate set of runs, and the tables show
+mean ± sd over seeds.
 
-Training runs are cached in `--runs` (one run directory per setting and fold) and resumed,
-so scripts that share a setting (Table 1 l=64 and Table 2 beta=1) train it once, and a
-killed experiment continues where it stopped.
+Training runs are cached in `--runs` (one run directory per setting, seed and fold) and
+resumed, so scripts that share a setting (Table 1 l=64 and Table 2 beta=1) train it once,
+and a killed experiment continues where it stopped.
 """
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -20,8 +26,7 @@ import numpy as np
 from jaxvae.checkpoint import load_run
 from jaxvae.config import TrainConfig
 from jaxvae.data import datasets, splits
-from jaxvae.data.datasets import SliceSet
-from jaxvae.evaluate import EvalSettings, compute_maps, row_order, score_maps
+from jaxvae.evaluate import EvalSettings, compute_maps, row_order, score_folds
 from jaxvae.figures import map_figure
 from jaxvae.io import markdown_table, write_text
 from jaxvae.model import reconstruct
@@ -29,19 +34,23 @@ from jaxvae.train import train
 
 _TABLES = Path(__file__).resolve().parents[1].parent / "shared/reference/paper_tables.json"
 PAPER = json.loads(_TABLES.read_text()) if _TABLES.is_file() else {}  # the paper's numbers
+METRICS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
+           ("dice_val", "Dice (val. thr.)"), ("dice_best", "best Dice (oracle)"))
 
 
-def parser(description, *, epochs=40):
+def parser(description, *, max_steps=3000):
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--data", default="phantom", help="'phantom' or a BraTS-layout folder")
     ap.add_argument("--modality", default=None, help="default: t2 (phantom), flair (otherwise)")
     ap.add_argument("--folds", type=int, default=None, help="default: 1 (phantom), 2 (otherwise)")
-    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--max-steps", type=int, default=max_steps)
+    ap.add_argument("--patience", type=int, default=40, help="epochs without a better val loss")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--proj-steps", type=int, default=100)
     ap.add_argument("--proj-lam", type=float, default=1.0)
+    ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=None, help="default: results/<experiment>")
     ap.add_argument("--runs", type=Path, default=Path("results/runs"))
     return ap
@@ -58,60 +67,98 @@ def finish_args(args, name):
 
 
 def load_folds(args):
-    """[(fold, train SliceSet, test SliceSet)] and the dataset description."""
+    """{seed: [(fold, Split, train, val, test SliceSets, data description)]}."""
     slices, desc = datasets.load_dataset(args.data, args.modality, progress=True)
-    folds = []
-    for i in range(args.folds):
-        tr, te = splits.split(slices, folds=args.folds, fold=i, seed=args.seed)
-        folds.append((i, tr, te, splits.split_description(desc, folds=args.folds, fold=i,
-                                                            seed=args.seed, train=tr, test=te)))
-    return folds
+    out = {}
+    for seed in args.seeds:
+        out[seed] = []
+        for i in range(args.folds):
+            split = splits.make_split(slices, folds=args.folds, fold=i, seed=seed)
+            tr, val, te = split.slices(slices)
+            out[seed].append((i, split, tr, val, te, splits.split_description(
+                desc, folds=args.folds, fold=i, seed=seed, split=split,
+                n_train_slices=len(tr))))
+    return out
 
 
-def trained(args, fold, train_set, data_desc, *, latent_dim, beta):
-    """Train (or resume, or just load) the run of one setting and fold."""
-    run = args.runs / (f"{args.tag}-{args.modality}-l{latent_dim}-b{beta:g}-e{args.epochs}"
-                       f"-lr{args.lr:g}-s{args.seed}-f{fold}of{args.folds}")
+def trained(args, fold, split, train_set, val, data_desc, *, latent_dim, beta, seed):
+    """Train (or resume, or just load) the run of one setting, seed and fold."""
+    run = args.runs / (f"{args.tag}-{args.modality}-l{latent_dim}-b{beta:g}-lr{args.lr:g}"
+                       f"-ms{args.max_steps}-p{args.patience}-s{seed}-f{fold}of{args.folds}")
     cfg = TrainConfig(latent_dim=latent_dim, beta=beta, lr=args.lr, batch_size=args.batch_size,
-                      epochs=args.epochs, seed=args.seed,
-                      checkpoint_every=max(1, args.epochs // 5), data=data_desc)
-    t0 = time.time()
-    train(cfg, train_set.images, run, resume=True)
+                      epochs=100_000, seed=seed, checkpoint_every=50, patience=args.patience,
+                      max_steps=args.max_steps, data=data_desc)
+    _, history = train(cfg, train_set.images, run, resume=True, progress=False,
+                       val_images=val.lesion_free().images)
+    splits.write_split(split, run / "split.json", overwrite=True)
     model, params, cfg = load_run(run)
-    return model, params, cfg, time.time() - t0
+    best = min(history, key=lambda h: h.get("val_loss", np.inf))
+    info = {"fold": fold, "steps": history[-1]["step"], "epochs": history[-1]["epoch"],
+            "stop": history[-1].get("stop"), "best_step": best["step"],
+            "best_val_loss": best.get("val_loss"),
+            "train_seconds": round(sum(h["seconds"] for h in history), 1)}
+    return model, params, info
 
 
 def pooled_setting(args, folds, *, latent_dim, beta, predictors, figure=None, postprocess=False,
-                   smooth_sigma=3.0, n_samples=0):
-    """Train every fold of one setting, pool the test maps, and score them."""
+                   smooth_sigma=3.0, n_samples=0, **settings_kw):
+    """Train every fold of one setting for every seed and score it.
+
+    Returns:
+      {"seeds": {seed: pooled results (with "per_fold" and "training")}, "summary":
+      {predictor: {metric: {"mean", "sd", "n"}}} over seeds}.
+    """
     settings = EvalSettings(predictors=predictors, proj_steps=args.proj_steps,
-                            proj_lam=args.proj_lam, seed=args.seed, postprocess=postprocess,
-                            smooth_sigma=smooth_sigma, n_samples=n_samples)
-    tests, maps, recons, seconds = [], [], [], 0.0
-    for fold, tr, te, desc in folds:
-        model, params, cfg, s = trained(args, fold, tr, desc, latent_dim=latent_dim, beta=beta)
-        seconds += s
-        maps.append(compute_maps(model, params, te.images, beta=beta, settings=settings,
-                                 progress=True))
-        x = te.images[..., None]
-        recons.append(np.asarray(reconstruct(model, params, x))[..., 0])
-        tests.append(te)
-    test = SliceSet.concat(tests)
-    pooled = {k: np.concatenate([m[k] for m in maps]) for k in maps[0]}
-    results = score_maps(pooled, test, beta=beta, settings=settings)
-    results["train_seconds"] = seconds
-    results["epochs"] = args.epochs
-    results["n_train_slices"] = int(sum(len(tr) for _, tr, _, _ in folds))
-    if figure is not None:
-        shown = {k: pooled[k] for k in (*predictors, "intensity") if k in pooled}
-        map_figure(figure, test.images, test.lesion, shown, recon=np.concatenate(recons),
-                   case_ids=test.case_ids,
-                   overwrite=True, title=f"latent {latent_dim}, beta {beta:g}")
-    return results
+                            proj_lam=args.proj_lam, postprocess=postprocess,
+                            smooth_sigma=smooth_sigma, n_samples=n_samples,
+                            n_boot=args.n_boot, **settings_kw)
+    per_seed = {}
+    for seed, parts in folds.items():
+        t0 = time.time()
+        runs = [(f, *trained(args, f, split, tr, val, desc, latent_dim=latent_dim, beta=beta,
+                             seed=seed), te, val) for f, split, tr, val, te, desc in parts]
+        per_fold, pooled = score_folds([(m, p, beta, te, val) for _, m, p, _, te, val in runs],
+                                       settings=settings)
+        pooled["per_fold"] = [{k: r[k] for k in ("n_cases", "predictors", "calibration")}
+                              for r in per_fold]
+        pooled["training"] = [info for _, _, _, info, _, _ in runs]
+        pooled["wall_seconds"] = round(time.time() - t0, 1)
+        per_seed[seed] = pooled
+        if figure is not None and seed == args.seeds[0]:
+            _, model, params, _, te, _ = runs[0]
+            maps = compute_maps(model, params, te.images, beta=beta, settings=settings)
+            maps["intensity"] = te.images
+            recon = np.asarray(reconstruct(model, params, te.images[..., None]))[..., 0]
+            map_figure(figure, te.images, te.lesion, maps, recon=recon, case_ids=te.case_ids,
+                       overwrite=True, title=f"latent {latent_dim}, beta {beta:g} (fold 0)")
+    return {"seeds": per_seed, "summary": summarize_seeds(per_seed)}
 
 
-METRICS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
-           ("dice_best", "Dice"))
+def summarize_seeds(per_seed):
+    """{predictor: {metric: {"mean", "sd", "n"}}} of the pooled results over seeds."""
+    out = {}
+    names = next(iter(per_seed.values()))["predictors"]
+    for name in names:
+        out[name] = {}
+        for key, _ in METRICS:
+            v = np.array([r["predictors"][name][key] for r in per_seed.values()], float)
+            out[name][key] = {"mean": float(np.mean(v)),
+                              "sd": float(np.std(v, ddof=1)) if v.size > 1 else None,
+                              "n": int(v.size)}
+    return out
+
+
+def _cell(res, name, key):
+    """One seed: value [95 % case-bootstrap interval]; several: mean ± sd over seeds."""
+    s = res["summary"][name][key]
+    if s["n"] > 1:
+        return f"{s['mean']:.3f} ± {s['sd']:.3f}"
+    r = next(iter(res["seeds"].values()))["predictors"][name]
+    lo, hi = r.get("ci", {}).get(key, (np.nan, np.nan))
+    if np.isnan(r[key]):
+        return "n/a"
+    return f"{r[key]:.3f}" + ("" if np.isnan(lo) or key == "dice_best" else
+                              f" [{lo:.3f}, {hi:.3f}]")
 
 
 def table(rows, paper=None, *, setting_label):
@@ -119,28 +166,41 @@ def table(rows, paper=None, *, setting_label):
     header = [setting_label, "predictor", *(m for _, m in METRICS), "paper AUROC"]
     lines = []
     for setting, res in rows.items():
-        entries = dict(res["predictors"])
-        entries.update(res.get("ensemble", {}))
-        for pred, r in sorted(entries.items(), key=lambda kv: row_order(kv[0])):
+        for pred in sorted(res["summary"], key=row_order):
             p = (paper or {}).get(setting, {}).get(pred)
-            vals = ["n/a" if r.get(k) is None or np.isnan(r[k]) else f"{r[k]:.3f}"
-                    for k, _ in METRICS]
             label = "intensity (baseline)" if pred == "intensity" else pred
-            lines.append([setting, label, *vals, "" if p is None else f"{p:.3f}"])
+            lines.append([setting, label, *(_cell(res, pred, k) for k, _ in METRICS),
+                          "" if p is None else f"{p:.3f}"])
     return markdown_table(header, lines)
+
+
+def training_note(rows) -> str:
+    """Optimiser steps, stop reasons and wall time of every run behind a table."""
+    parts = []
+    for setting, res in rows.items():
+        for seed, r in res["seeds"].items():
+            runs = "; ".join(f"fold {t['fold']}: {t['steps']} steps (best {t['best_step']}, "
+                             f"{t['stop']}, {t['train_seconds']:.0f} s)" for t in r["training"])
+            parts.append(f"- {setting}, seed {seed}: {runs}; scoring and training wall "
+                         f"{r['wall_seconds']:.0f} s")
+    return "\n".join(parts)
 
 
 def write_outputs(args, name, rows, md_title, paper=None, *, setting_label, extra=None):
     """results/<name>/<name>.json and .md, with the command line and the paper's numbers."""
-    import sys
-
     command = "python " + " ".join([f"experiments/{name}.py", *sys.argv[1:]])
     payload = {"experiment": name, "command": command, "data": args.data,
-               "modality": args.modality, "folds": args.folds, "epochs": args.epochs,
-               "lr": args.lr, "results": rows, "paper": paper, **(extra or {})}
+               "modality": args.modality, "folds": args.folds, "seeds": args.seeds,
+               "max_steps": args.max_steps, "patience": args.patience, "lr": args.lr,
+               "results": rows, "paper": paper, **(extra or {})}
     md = (f"# {md_title}\n\n`{command}`\n\nData: {args.tag} ({args.modality}), "
-          f"{args.folds} fold(s), {args.epochs} epochs, lr {args.lr:g}.\n\n"
-          + table(rows, paper, setting_label=setting_label))
+          f"{args.folds} fold(s) by case, one validation case per fold, lr {args.lr:g}, at most "
+          f"{args.max_steps} steps, patience {args.patience} epochs, seeds {args.seeds}. "
+          "Cells: pooled over the folds' test cases; one seed: value [95 % case-bootstrap "
+          "interval]; several: mean ± sd over seeds. Dice (val. thr.): threshold fitted on "
+          "each fold's validation case; best Dice: oracle threshold on the test labels.\n\n"
+          + table(rows, paper, setting_label=setting_label) + "\nTraining:\n\n"
+          + training_note(rows) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / f"{name}.json", json.dumps(payload, indent=1, default=float),
                overwrite=True)

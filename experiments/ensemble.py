@@ -1,8 +1,9 @@
 """The logistic-regression ensemble (Zhou et al. §3.3): beta = 10, latent 64.
 
-Features rec_error, kl_grad, rec_grad, fitted on 10% of the test cases and scored on the
-rest (by case); also with the input intensity as a fourth feature, and with the maps
-post-processed as in Baur et al. 2021 (eroded brain mask, median filter).
+Features rec_error, kl_grad, rec_grad, fitted on each fold's validation case (never on
+test cases; the paper fits on 10 % of its test cases) and scored on the test cases; also
+with the input intensity as a fourth feature, and with the maps post-processed as in Baur
+et al. 2021 (eroded brain mask, median filter).
 
     python experiments/ensemble.py
     python experiments/ensemble.py --data ../shared/data/brats2018_flair --modality flair
@@ -29,8 +30,9 @@ def main(argv=None):
     common.write_outputs(args, "ensemble", {f"beta={args.beta:g}": res},
                          "Ensemble of rec_error, kl_grad, rec_grad", paper,
                          setting_label="setting",
-                         extra={"weights": {k: v["weights"]
-                                            for k, v in res.get("ensemble", {}).items()}})
+                         extra={"weights": {seed: [f["calibration"]["ensemble_weights"]
+                                                   for f in r["per_fold"]]
+                                            for seed, r in res["seeds"].items()}})
 
 
 if __name__ == "__main__":

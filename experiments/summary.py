@@ -2,7 +2,8 @@
 
     python experiments/summary.py results/table1/table1.json results/table2/table2.json
 
-Each cell: pooled AUROC (the paper's AUROC) / AUPRC / best Dice.
+Each cell: AUROC (the paper's AUROC) / AUPRC / Dice at the validation threshold, pooled over
+the folds' test cases (mean over seeds where there are several).
 """
 
 import json
@@ -25,11 +26,10 @@ def compact(payload) -> str:
     for p in ROW_ORDER:
         cells = []
         for s in cols:
-            rows = {**res[s]["predictors"], **res[s].get("ensemble", {})}
-            m = rows.get(p)
-            cells.append("–" if m is None else f"**{_f(m['auroc'])}** "
-                         f"({_f((paper.get(s) or {}).get(p))}) / {_f(m['auprc'])} / "
-                         f"{_f(m['dice_best'])}")
+            m = res[s]["summary"].get(p)
+            cells.append("–" if m is None else f"**{_f(m['auroc']['mean'])}** "
+                         f"({_f((paper.get(s) or {}).get(p))}) / {_f(m['auprc']['mean'])} / "
+                         f"{_f(m['dice_val']['mean'])}")
         if set(cells) != {"–"}:
             name = "intensity (baseline)" if p == "intensity" else p
             lines.append([name, *cells])

@@ -26,12 +26,12 @@ def main(argv=None):
     rows = {}
     for sigma in args.sigmas:
         rows[f"sigma={sigma:g}"] = common.pooled_setting(
-            args, folds, latent_dim=64, beta=1.0, predictors=PREDICTORS, smooth_sigma=sigma)
+            args, folds, latent_dim=64, beta=1.0, predictors=PREDICTORS, smooth_sigma=sigma,
+            ensemble=False)
     for n in args.samples:
         rows[f"sigma=3,mc={n}"] = common.pooled_setting(
-            args, folds, latent_dim=64, beta=1.0, predictors=PREDICTORS, n_samples=n)
-    for r in rows.values():
-        r.pop("ensemble", None)
+            args, folds, latent_dim=64, beta=1.0, predictors=PREDICTORS, n_samples=n,
+            ensemble=False)
     common.write_outputs(args, "variants", rows, "Smoothing and Monte-Carlo z (latent 64)",
                          setting_label="variant")
 

@@ -27,18 +27,23 @@ from jaxvae.ensemble import fit_samples
 from jaxvae.errors import ConfigError
 from jaxvae.io import all_or_nothing, markdown_table, write_text
 from jaxvae.metrics import Accumulator, MapsAccumulator
-from jaxvae.predictors import PREDICTORS, SIGNED_PREDICTORS, check_predictors
+from jaxvae.predictors import (
+    PREDICTORS,
+    SIGNED_PREDICTORS,
+    VARIANT_PREDICTORS,
+    check_predictors,
+)
 
 ALL_PREDICTORS = (*PREDICTORS, "proj_rec_error")  # the paper's: the default
-KNOWN_PREDICTORS = (*ALL_PREDICTORS, *SIGNED_PREDICTORS)
+KNOWN_PREDICTORS = (*ALL_PREDICTORS, *SIGNED_PREDICTORS, *VARIANT_PREDICTORS)
 ENSEMBLE_FEATURES = ("rec_error", "kl_grad", "rec_grad")
 # with the one-signed maps computed: an intensity-aware ensemble of them
 SIGNED_ENSEMBLE_FEATURES = ("rec_pos", "rec_grad_pos", "kl_grad", "intensity")
 MAX_FIT_PIXELS = 200_000  # brain pixels of the validation cases an ensemble is fitted on
 # table order: the paper's predictors, the one-signed maps, the baseline and the ensembles
-ROW_ORDER = ("rec_error", "elbo_grad", "kl_grad", "rec_grad", "combi", "proj_rec_error",
-             "rec_pos", "rec_grad_pos", "intensity", "ensemble", "ensemble+intensity",
-             "ensemble_signed+intensity")
+ROW_ORDER = ("rec_error", "elbo_grad", "elbo_grad_sum", "kl_grad", "rec_grad", "combi",
+             "proj_rec_error", "rec_pos", "rec_grad_pos", "intensity", "ensemble_plain",
+             "ensemble", "ensemble+intensity", "ensemble_signed+intensity")
 METRIC_COLUMNS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
                   ("dice_val", "Dice (val. threshold)"), ("dice_best", "best Dice (oracle)"))
 
@@ -56,8 +61,11 @@ class EvalSettings:
         per-loader-batch normalisation); 0 = over each whole batch.
       n_samples, seed: Monte-Carlo z (0 = z is mu) and its key.
       proj_steps, proj_lam, proj_lr: Proj-Rec-Error (Adam steps on x, L1 weight, lr).
-      ensemble: fit the logistic-regression ensemble on ENSEMBLE_FEATURES (+ intensity
-        when `ensemble_intensity`) on the validation cases (when they have lesions).
+      ensemble: fit the logistic-regression ensembles on the validation cases (when they
+        have lesions): "ensemble" on ENSEMBLE_FEATURES (log-scaled, class-balanced),
+        "ensemble_plain" the paper's plain regression on the same features, and with
+        `ensemble_intensity` "ensemble+intensity" (+ the image) and, when the one-signed
+        maps are computed, "ensemble_signed+intensity" (SIGNED_ENSEMBLE_FEATURES).
       val_quantile: with healthy validation cases, each map's threshold is this quantile of
         its values on their brain pixels (0.99: 1 % of healthy brain pixels flagged).
       n_boot: bootstrap resamples of the cases for the 95 % intervals (0: none).
@@ -305,7 +313,7 @@ def calibrate(val_maps, val, settings=EvalSettings()) -> Calibration:
     has_lesion = bool(val.lesion.any())
     feats = [f for f in ENSEMBLE_FEATURES if f in maps]
     if has_lesion and settings.ensemble and len(feats) == len(ENSEMBLE_FEATURES):
-        variants = {"ensemble": feats}
+        variants = {"ensemble": feats, "ensemble_plain": feats}
         if settings.ensemble_intensity:
             variants["ensemble+intensity"] = [*feats, "intensity"]
             if all(f in maps for f in SIGNED_ENSEMBLE_FEATURES):
@@ -316,9 +324,13 @@ def calibrate(val_maps, val, settings=EvalSettings()) -> Calibration:
             idx = np.sort(rng.choice(idx, size=MAX_FIT_PIXELS, replace=False))
         y = val.lesion.reshape(-1)[idx]
         for name, fs in variants.items():
+            # "ensemble_plain": the paper's plain logistic regression (no log transform, no
+            # class weights) on the same pixels, beside ours
+            plain = name == "ensemble_plain"
             ensembles[name] = fit_samples({f: maps[f].reshape(-1)[idx] for f in fs}, y,
-                                          fit_cases=val.cases,
-                                          log_features=[f for f in fs if f != "intensity"])
+                                          fit_cases=val.cases, balanced=not plain,
+                                          log_features=[] if plain else
+                                          [f for f in fs if f != "intensity"])
             maps[name] = ensembles[name].predict({f: maps[f] for f in fs})
     pooled = {name: Accumulator().update(m, val.lesion, val.brain) for name, m in maps.items()}
     if has_lesion:

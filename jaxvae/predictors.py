@@ -23,6 +23,9 @@ PREDICTORS = ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi")
 # the smoothed positive part of the reconstruction-loss gradient, which is > 0 where a
 # brighter pixel costs more, i.e. where the image is brighter than its reconstruction.
 SIGNED_PREDICTORS = ("rec_pos", "rec_grad_pos")
+# A variant the paper leaves open: ELBO-grad as the plain sum |g_rec + g_kl| (the gradient of
+# the unweighted ELBO) instead of the beta-weighted |g_rec + beta g_kl|; equal at beta = 1.
+VARIANT_PREDICTORS = ("elbo_grad_sum",)
 GRADIENT_MAPS = ("rec_grad", "kl_grad", "elbo_grad")
 
 def gaussian_matrix(size: int, sigma: float):
@@ -81,9 +84,9 @@ def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_
                   combi_group=COMBI_GROUP, reference_kl=False):
     want = set(predictors)
     need_rec = bool(want & {"rec_error", "rec_pos", "rec_grad", "elbo_grad", "combi",
-                            "rec_grad_pos"})
-    need_rec_grad = bool(want & {"rec_grad", "elbo_grad", "rec_grad_pos"})
-    need_kl_grad = bool(want & {"kl_grad", "elbo_grad", "combi"})
+                            "rec_grad_pos", "elbo_grad_sum"})
+    need_rec_grad = bool(want & {"rec_grad", "elbo_grad", "rec_grad_pos", "elbo_grad_sum"})
+    need_kl_grad = bool(want & {"kl_grad", "elbo_grad", "combi", "elbo_grad_sum"})
     out = {}
 
     (mu, log_sigma), enc_vjp = jax.vjp(lambda x: encode(model, params, x), x)
@@ -139,12 +142,14 @@ def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_
         out["kl_grad"] = smooth(to_map(jnp.abs(g_kl)), smooth_sigma)
     if "elbo_grad" in want:
         out["elbo_grad"] = smooth(to_map(jnp.abs(g_rec + beta * g_kl)), smooth_sigma)
+    if "elbo_grad_sum" in want:
+        out["elbo_grad_sum"] = smooth(to_map(jnp.abs(g_rec + g_kl)), smooth_sigma)
     if "combi" in want:
         out["combi"] = _combi(to_map(jnp.abs(g_kl)), to_map(nll), smooth_sigma, combi_group)
     return out
 
 
-def check_predictors(predictors, allowed=(*PREDICTORS, *SIGNED_PREDICTORS),
+def check_predictors(predictors, allowed=(*PREDICTORS, *SIGNED_PREDICTORS, *VARIANT_PREDICTORS),
                      default=PREDICTORS) -> tuple[str, ...]:
     """Validate predictor names; return them as a sorted tuple (a static jit argument).
 
@@ -174,8 +179,8 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
       params: its parameters.
       x: (N, 64, 64, 1) float32 pre-processed images.
       beta: weight of the KL term in elbo_grad (the beta of a beta-VAE).
-      predictors: names among PREDICTORS and SIGNED_PREDICTORS (list, tuple or comma
-        string); None = the paper's five (PREDICTORS).
+      predictors: names among PREDICTORS, SIGNED_PREDICTORS and VARIANT_PREDICTORS (list,
+        tuple or comma string); None = the paper's five (PREDICTORS).
       smooth_sigma: Gaussian sigma in pixels for the gradient maps (rec_grad, kl_grad,
         elbo_grad) and the KL factor of combi; 0 disables smoothing. rec_error is never
         smoothed.

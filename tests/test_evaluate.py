@@ -69,7 +69,10 @@ def test_score_maps_rows_baseline_and_ensemble_fitted_on_validation_cases(model_
                      settings=EvalSettings(n_boot=50))
     rows = res["predictors"]
     assert set(rows) == {"rec_error", "kl_grad", "rec_grad", "intensity", "ensemble",
-                         "ensemble+intensity"}
+                         "ensemble_plain", "ensemble+intensity"}
+    weights = res["calibration"]["ensemble_weights"]
+    assert not any(weights["ensemble_plain"]["log_scale"])  # the paper's: no transform
+    assert all(weights["ensemble"]["log_scale"])
     assert rows["rec_error"]["auroc"] == pytest.approx(1.0)
     assert 0.4 < rows["kl_grad"]["auroc"] < 0.6
     assert rows["intensity"]["auroc"] > 0.9
@@ -206,7 +209,7 @@ def test_streamed_results_equal_the_all_in_memory_computation(model_params):
     ref = dict(maps)
     want = score_maps(ref, test, val_maps=val_maps, val=val, settings=settings)
     assert json.dumps(got) == json.dumps(want)
-    assert set(kept) == set(ref) and len(kept) == 5 + 1 + 6 + 2
+    assert set(kept) == set(ref) and len(kept) == 5 + 1 + 6 + 3
     for name, m in kept.items():
         np.testing.assert_array_equal(m, ref[name][keep], err_msg=name)
     # the pooled rows equal metrics of the whole in-memory maps

@@ -204,3 +204,14 @@ def test_one_signed_maps_equal_their_definitions(setup):
     assert (np.asarray(maps["rec_grad_pos"]) == 0).mean() > 0.2  # the negative part is cut
     with pytest.raises(jaxvae.ConfigError, match="rec_neg"):
         jaxvae.anomaly_maps(model, params, x, predictors="rec_neg")
+
+
+def test_elbo_grad_sum_is_the_unweighted_elbo_gradient(setup):
+    model, params, x = setup
+    ref = _obvious(model, params, x, 1.0)["elbo_grad"]  # |grad(rec + kl)|
+    for beta in (BETA, 1.0):
+        maps = jaxvae.anomaly_maps(model, params, x, beta=beta, smooth_sigma=0.0,
+                                   predictors="elbo_grad,elbo_grad_sum")
+        assert_maps_close(maps["elbo_grad_sum"], ref, "elbo_grad")
+    assert not np.allclose(jaxvae.anomaly_maps(model, params, x, beta=BETA, smooth_sigma=0.0,
+                                               predictors="elbo_grad")["elbo_grad"], ref)

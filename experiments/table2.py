@@ -12,7 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-PREDICTORS = ("rec_error", "elbo_grad", "kl_grad", "rec_grad", "combi", "proj_rec_error")
+PREDICTORS = ("rec_error", "elbo_grad", "elbo_grad_sum", "kl_grad", "rec_grad", "combi",
+              "proj_rec_error")
 BETAS = (0.1, 0.5, 1.0, 2.0, 10.0)
 
 

@@ -254,6 +254,8 @@ def _run_and_data(args):
         slices, _ = datasets.load_dataset(own, modality, progress=True)
         test = slices.for_cases(split.test)
     else:  # another dataset: every case of it
+        for case in datasets.find_cases(args.data, modality)[0]:  # names of plain volumes
+            check_modality(case.image_path, d.get("modality"), args.modality)
         test, _ = datasets.load_dataset(args.data, modality, progress=True)
     return model, params, cfg, test, val, info
 

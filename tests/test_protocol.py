@@ -95,6 +95,14 @@ def test_a_run_scores_another_sequence_only_when_told(tmp_path, capsys):
     assert "t2" in err and "flair" in err and "--modality t2" in err and str(t2) in err
     assert not (tmp_path / "o").exists()
     assert main([*args, "--out", str(tmp_path / "o"), "--modality", "t2"]) == 0
+    # evaluate on a folder of plain volumes named as another sequence: the same rule
+    (tmp_path / "vols").mkdir()
+    (tmp_path / "vols" / "x_t2.nii.gz").write_bytes(t2.read_bytes())
+    ev = ["evaluate", "--run", str(run), "--data", str(tmp_path / "vols"), "--predictors",
+          "rec_error"]
+    assert main([*ev, "--out", str(tmp_path / "e")]) == 2
+    assert "x_t2.nii.gz" in capsys.readouterr().err
+    assert main([*ev, "--out", str(tmp_path / "e"), "--modality", "t2"]) == 0
     flair = t2.with_name("phantom_lesion_000_flair.nii.gz")
     assert main(["score", "--run", str(run), "--input", str(flair), "--predictors",
                  "rec_error", "--out", str(tmp_path / "o2")]) == 0

@@ -4,8 +4,9 @@ Trains a VAE on the lesion-free slices of every case of the training dataset but
 validation case(s) (BraTS2018 FLAIR by default: nine cases train, one validates), with the
 validation loss deciding the checkpoint (patience, step cap), for several seeds; then scores
 every case of the test dataset (the BraTS2021 case's FLAIR), every map of the paper plus
-the one-signed maps (rec_pos, rec_grad_pos), the intensity baseline and the ensembles, with
-the thresholds and the ensembles fitted on the validation case. Nothing sees the test labels
+the one-signed maps (rec_pos, rec_grad_pos), the intensity baseline (clipped as the model's
+input, unclipped, and histogram-equalised) and the ensembles, with the thresholds and the
+ensembles fitted on the validation case. Nothing sees the test labels
 but the metrics.
 
     python experiments/cross_dataset.py --seeds 0 1 2
@@ -25,7 +26,8 @@ import numpy as np
 from jaxvae.checkpoint import load_run
 from jaxvae.config import TrainConfig
 from jaxvae.data import datasets, splits
-from jaxvae.evaluate import KNOWN_PREDICTORS, EvalSettings, row_order, score_dataset
+from jaxvae.data.preprocess import PreprocessParams
+from jaxvae.evaluate import KNOWN_PREDICTORS, EvalSettings, row_order, score_dataset, score_maps
 from jaxvae.io import markdown_table, write_text
 from jaxvae.train import train
 
@@ -83,6 +85,24 @@ def train_run(args, seed, slices, desc):
     return model, params, cfg, val, info
 
 
+def baseline_variants(args, val, test):
+    """The intensity baseline unclipped and histogram-equalised (Meissen et al. 2021), scored
+    like every map: thresholds from the same validation case, beside the clipped one."""
+    unclipped = PreprocessParams(clip=None)
+    raw_val = datasets.load_dataset(args.train_data, args.modality,
+                                    params=unclipped)[0].for_cases(val.cases)
+    raw_test = datasets.load_dataset(args.test_data, args.modality, params=unclipped)[0]
+    for raw, ref in ((raw_val, val), (raw_test, test)):  # the same slices, other intensities
+        assert (raw.slice_index == ref.slice_index).all() and (raw.case_ids == ref.case_ids).all()
+
+    def maps(s):
+        return {"intensity_unclipped": s.images, "intensity_histeq": datasets.equalized(s)}
+
+    res = score_maps(maps(raw_test), test, val_maps=maps(raw_val), val=val,
+                     settings=EvalSettings(ensemble=False, n_boot=0))
+    return {k: v for k, v in res["predictors"].items() if k != "intensity"}
+
+
 def summary_table(per_seed):
     """Mean +- sd over seeds of every metric, one row per predictor."""
     names = sorted(per_seed[0]["results"]["predictors"], key=row_order)
@@ -108,6 +128,7 @@ def main(argv=None):
         t0 = time.time()
         results, _ = score_dataset(model, params, test, val=val, beta=cfg.beta,
                                    settings=settings, keep=())
+        results["predictors"].update(baseline_variants(args, val, test))
         info["eval_seconds"] = round(time.time() - t0, 1)
         per_seed.append({"seed": seed, "training": info, "results": results})
         print(json.dumps({"seed": seed, **info}), file=sys.stderr)

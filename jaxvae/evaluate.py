@@ -42,7 +42,8 @@ SIGNED_ENSEMBLE_FEATURES = ("rec_pos", "rec_grad_pos", "kl_grad", "intensity")
 MAX_FIT_PIXELS = 200_000  # brain pixels of the validation cases an ensemble is fitted on
 # table order: the paper's predictors, the one-signed maps, the baseline and the ensembles
 ROW_ORDER = ("rec_error", "elbo_grad", "elbo_grad_sum", "kl_grad", "rec_grad", "combi",
-             "proj_rec_error", "rec_pos", "rec_grad_pos", "intensity", "ensemble_plain",
+             "proj_rec_error", "rec_pos", "rec_grad_pos", "intensity", "intensity_unclipped",
+             "intensity_histeq", "ensemble_plain",
              "ensemble", "ensemble+intensity", "ensemble_signed+intensity")
 METRIC_COLUMNS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
                   ("dice_val", "Dice (val. threshold)"), ("dice_best", "best Dice (oracle)"))

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxvae.data import nifti
+from jaxvae.data import datasets, nifti
 from jaxvae.data.datasets import (
     Case,
     SliceSet,
@@ -236,3 +236,18 @@ def test_real_brats2018_flair_case(shared_data, tmp_path):
     with_lesion = s.lesion.any(axis=(1, 2))
     assert 0 < with_lesion.sum() < len(s)
     assert (s.lesion & s.brain).sum() > 0.95 * s.lesion.sum()  # tumour lies in the brain
+
+
+def test_equalized_is_the_per_case_brain_cdf():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(4, 8, 8)).astype(np.float32)
+    images[2:] = images[2:] * 10 + 5  # the second case on another scale
+    brain = np.ones((4, 8, 8), bool)
+    brain[:, 0] = False
+    s = SliceSet(images, brain, np.zeros_like(brain), ["a", "a", "b", "b"], np.arange(4))
+    eq = datasets.equalized(s)
+    assert (eq[~brain] == 0).all()
+    for rows in ([0, 1], [2, 3]):
+        v, e = images[rows][brain[rows]], eq[rows][brain[rows]]
+        np.testing.assert_array_equal(np.argsort(v, kind="stable"), np.argsort(e, kind="stable"))
+        np.testing.assert_allclose(np.sort(e), np.arange(1, v.size + 1) / v.size)

@@ -347,7 +347,33 @@ def find_cases(data, modality="t2"):
     return find_volumes(path), {"source": "healthy", "path": str(path)}
 
 
-def load_dataset(data, modality="t2", *, progress=False):
-    """(SliceSet of every case, description) with the on-disk slice cache."""
+def load_dataset(data, modality="t2", *, params=None, progress=False):
+    """(SliceSet of every case, description) with the on-disk slice cache.
+
+    `params`: PreprocessParams (None: the defaults, the model's)."""
     cases, desc = find_cases(data, modality)
-    return load_slices(cases, cache_dir=cache_root() / "slices", progress=progress), desc
+    return load_slices(cases, params, cache_dir=cache_root() / "slices",
+                       progress=progress), desc
+
+
+def equalized(slices: SliceSet) -> np.ndarray:
+    """Histogram-equalised images (Meissen et al. 2021's baseline variant), per case.
+
+    Each case's brain pixels are replaced by their empirical CDF over that case's brain
+    (rank / count, ties sharing the highest rank), so within a case the order of the
+    pixels is unchanged and across cases the intensities become comparable; background
+    pixels are 0.
+
+    Returns:
+      (S, H, W) float32.
+    """
+    out = np.zeros(slices.images.shape, np.float32)
+    for case in slices.cases:
+        rows = np.flatnonzero(slices.case_ids == case)
+        brain = slices.brain[rows]
+        values = slices.images[rows][brain]
+        ordered = np.sort(values)
+        part = out[rows]
+        part[brain] = np.searchsorted(ordered, values, side="right") / max(values.size, 1)
+        out[rows] = part
+    return out

@@ -455,7 +455,7 @@ def per_case_csv(results) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["case", "predictor", *PER_CASE_COLUMNS])
-    for name in sorted(results["per_case"], key=row_order):
+    for name in sorted(results.get("per_case", {}), key=row_order):
         for case, m in results["per_case"][name].items():
             w.writerow([case, name, *("" if m.get(k) is None else m[k]
                                       for k in PER_CASE_COLUMNS)])
@@ -464,15 +464,15 @@ def per_case_csv(results) -> str:
 
 def describe(results) -> str:
     """The lines above the table: test set, calibration, intervals."""
-    cal = results.get("calibration", {})
+    cal, settings = results.get("calibration", {}), results.get("settings", {})
     n_val = sum(len(c.get("val_cases", [])) for c in cal.get("folds", [cal]))
     how = {"val_best_dice": "the best-Dice threshold and the ensemble fitted on the "
                             f"{n_val} validation case(s)" + (" of each fold" if "folds" in cal
                                                              else ""),
-           "val_quantile": f"the {results['settings']['val_quantile']} quantile of the healthy "
+           "val_quantile": f"the {settings.get('val_quantile')} quantile of the healthy "
                            "validation cases' brain pixels (no ensemble: no validation lesion)",
            }.get(cal.get("method"), "no validation cases (no threshold, no ensemble)")
-    n_boot = results["settings"].get("n_boot", 0)
+    n_boot = settings.get("n_boot", 0)
     return (f"{results['n_cases']} test cases, {results['n_slices']} slices, pixel metrics "
             f"pooled over all test slices; Dice at {how}; best Dice is the oracle (threshold "
             f"chosen on the test labels). " + (f"95 % intervals: {n_boot} bootstrap resamples "

@@ -17,6 +17,7 @@ and a killed experiment continues where it stopped.
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,9 @@ def parser(description, *, max_steps=3000):
     ap.add_argument("--folds", type=int, default=None, help="default: 1 (phantom), 2 (otherwise)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--max-steps", type=int, default=max_steps)
-    ap.add_argument("--patience", type=int, default=40, help="epochs without a better val loss")
+    ap.add_argument("--patience-steps", type=int, default=300,
+                    help="stop after about this many optimiser steps without a better validation "
+                         "loss (the run's --patience in epochs: ceil(this / steps per epoch))")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--proj-steps", type=int, default=100)
@@ -81,12 +84,18 @@ def load_folds(args):
     return out
 
 
+def patience_epochs(args, n_train: int) -> int:
+    """--patience-steps as the run's patience in epochs (epochs here are 1-10 steps long)."""
+    return math.ceil(args.patience_steps / max(1, n_train // args.batch_size))
+
+
 def trained(args, fold, split, train_set, val, data_desc, *, latent_dim, beta, seed):
     """Train (or resume, or just load) the run of one setting, seed and fold."""
     run = args.runs / (f"{args.tag}-{args.modality}-l{latent_dim}-b{beta:g}-lr{args.lr:g}"
-                       f"-ms{args.max_steps}-p{args.patience}-s{seed}-f{fold}of{args.folds}")
+                       f"-ms{args.max_steps}-ps{args.patience_steps}-s{seed}-f{fold}of{args.folds}")
     cfg = TrainConfig(latent_dim=latent_dim, beta=beta, lr=args.lr, batch_size=args.batch_size,
-                      epochs=100_000, seed=seed, checkpoint_every=50, patience=args.patience,
+                      epochs=100_000, seed=seed, checkpoint_every=50,
+                      patience=patience_epochs(args, len(train_set)),
                       max_steps=args.max_steps, data=data_desc)
     _, history = train(cfg, train_set.images, run, resume=True, progress=False,
                        val_images=val.lesion_free().images)
@@ -191,11 +200,12 @@ def write_outputs(args, name, rows, md_title, paper=None, *, setting_label, extr
     command = "python " + " ".join([f"experiments/{name}.py", *sys.argv[1:]])
     payload = {"experiment": name, "command": command, "data": args.data,
                "modality": args.modality, "folds": args.folds, "seeds": args.seeds,
-               "max_steps": args.max_steps, "patience": args.patience, "lr": args.lr,
+               "max_steps": args.max_steps, "patience_steps": args.patience_steps,
+               "lr": args.lr,
                "results": rows, "paper": paper, **(extra or {})}
     md = (f"# {md_title}\n\n`{command}`\n\nData: {args.tag} ({args.modality}), "
           f"{args.folds} fold(s) by case, one validation case per fold, lr {args.lr:g}, at most "
-          f"{args.max_steps} steps, patience {args.patience} epochs, seeds {args.seeds}. "
+          f"{args.max_steps} steps, patience ~{args.patience_steps} steps, seeds {args.seeds}. "
           "Cells: pooled over the folds' test cases; one seed: value [95 % case-bootstrap "
           "interval]; several: mean ± sd over seeds. Dice (val. thr.): threshold fitted on "
           "each fold's validation case; best Dice: oracle threshold on the test labels.\n\n"

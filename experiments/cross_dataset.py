@@ -17,6 +17,7 @@ test cases cannot give an interval: the spread shown is over seeds only.
 """
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,9 @@ def parser():
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-steps", type=int, default=4000)
-    ap.add_argument("--patience", type=int, default=40, help="epochs")
+    ap.add_argument("--patience-steps", type=int, default=300,
+                    help="about this many steps without a better validation loss (in epochs: "
+                         "ceil(this / steps per epoch))")
     ap.add_argument("--proj-steps", type=int, default=100)
     ap.add_argument("--runs", type=Path, default=Path("results/runs"))
     ap.add_argument("--out", type=Path, default=Path("results/cross_dataset"))
@@ -62,10 +65,12 @@ def train_run(args, seed, slices, desc):
     train_set, val, _ = split.slices(slices)
     run = args.runs.resolve() / (f"xd-{Path(args.train_data).name}-{args.modality}-"
                                  f"l{args.latent_dim}-b{args.beta:g}-lr{args.lr:g}-"
-                                 f"ms{args.max_steps}-p{args.patience}-s{seed}")
+                                 f"ms{args.max_steps}-ps{args.patience_steps}-s{seed}")
     cfg = TrainConfig(latent_dim=args.latent_dim, beta=args.beta, lr=args.lr,
                       batch_size=args.batch_size, epochs=100_000,
-                      seed=seed, checkpoint_every=50, patience=args.patience,
+                      seed=seed, checkpoint_every=50,
+                      patience=math.ceil(args.patience_steps
+                                         / max(1, len(train_set) // args.batch_size)),
                       max_steps=args.max_steps,
                       data=splits.split_description(desc, folds=1, fold=0, seed=seed,
                                                     split=split,
@@ -140,7 +145,7 @@ def main(argv=None):
           f"{Path(args.test_data).name} ({args.modality})\n\n`{command}`\n\n"
           f"l = {args.latent_dim}, beta = {args.beta:g}, lr {args.lr:g}, batch "
           f"{args.batch_size}, at most "
-          f"{args.max_steps} steps, patience {args.patience} epochs; {steps}. "
+          f"{args.max_steps} steps, patience ~{args.patience_steps} steps; {steps}. "
           f"{len(test.cases)} test case(s), {len(test)} slices. Thresholds and ensembles "
           f"fitted on each run's validation case. Mean ± sd over {len(per_seed)} seed(s).\n\n"
           + summary_table(per_seed))

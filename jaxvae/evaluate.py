@@ -301,6 +301,18 @@ def _rows_of(maps, slices, settings):
     return maps
 
 
+# An ensemble is a model of brain pixels (it is fitted on them only): outside the brain its
+# score is the lowest there is, as every map's is ~0 there, instead of an extrapolation of
+# the regression to background values it never saw.
+_OUTSIDE = np.float32(np.finfo(np.float32).min)
+
+
+def _ensemble_map(ensemble, maps, brain):
+    """The ensemble's score of every pixel, the lowest score outside the brain."""
+    pred = ensemble.predict({f: maps[f] for f in ensemble.feature_names})
+    return np.where(brain, pred, _OUTSIDE).astype(np.float32)
+
+
 def calibrate(val_maps, val, settings=EvalSettings()) -> Calibration:
     """Fit thresholds (and, where the validation cases have lesions, the ensembles) on them.
 
@@ -332,7 +344,7 @@ def calibrate(val_maps, val, settings=EvalSettings()) -> Calibration:
                                           fit_cases=val.cases, balanced=not plain,
                                           log_features=[] if plain else
                                           [f for f in fs if f != "intensity"])
-            maps[name] = ensembles[name].predict({f: maps[f] for f in fs})
+            maps[name] = _ensemble_map(ensembles[name], maps, val.brain)
     pooled = {name: Accumulator().update(m, val.lesion, val.brain) for name, m in maps.items()}
     if has_lesion:
         thresholds = {k: a.result()["dice_threshold"] for k, a in pooled.items()}
@@ -386,7 +398,7 @@ def _accumulate(batches, names, slices, cal, *, settings, keep=None, keep_names=
     for r, maps in batches(progress=progress):
         maps = _rows_of(maps, slices.subset(r), settings)
         for name, e in cal.ensembles.items():
-            maps[name] = e.predict({f: maps[f] for f in e.feature_names})
+            maps[name] = _ensemble_map(e, maps, brain[r])
         pixels.update(r, maps, lesion[r], brain[r])
         k = pos[r]
         for name, out in kept.items():

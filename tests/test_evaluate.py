@@ -73,6 +73,11 @@ def test_score_maps_rows_baseline_and_ensemble_fitted_on_validation_cases(model_
     weights = res["calibration"]["ensemble_weights"]
     assert not any(weights["ensemble_plain"]["log_scale"])  # the paper's: no transform
     assert all(weights["ensemble"]["log_scale"])
+    # fitted on brain pixels, the ensembles score the background lowest
+    filled = maps_of(test)
+    score_maps(filled, test, val_maps=maps_of(val), val=val, settings=EvalSettings(n_boot=0))
+    outside = filled["ensemble"][~test.brain]
+    assert (outside == outside.min()).all() and outside.min() < filled["ensemble"][test.brain].min()
     assert rows["rec_error"]["auroc"] == pytest.approx(1.0)
     assert 0.4 < rows["kl_grad"]["auroc"] < 0.6
     assert rows["intensity"]["auroc"] > 0.9

@@ -4,7 +4,7 @@ Maps come from the jitted scoring functions in fixed-size batches (the last batc
 repeating real slices, so one compiled shape serves all and combi's batch min-max is not
 changed by padding). Scoring streams: each batch's maps (and the intensity baseline, the
 post-processed maps, the ensembles' predictions) go straight into streaming histogram
-accumulators (jaxvae.metrics), so memory is bounded by a batch, not by the test set.
+accumulators (jaxvae.case_metrics), so memory is bounded by a batch, not by the test set.
 Nothing is chosen on test labels: the thresholds of "Dice (val. threshold)" and the
 ensembles are fitted on the validation cases (`calibrate`); the oracle best Dice is
 reported beside it, labelled as such. Intervals are 95 % bootstrap intervals over cases.
@@ -23,10 +23,11 @@ import numpy as np
 import scipy.ndimage as ndi
 from tqdm.auto import tqdm
 
+from jaxvae.case_metrics import MapsAccumulator
 from jaxvae.ensemble import fit_samples
 from jaxvae.errors import ConfigError
 from jaxvae.io import all_or_nothing, markdown_table, write_text
-from jaxvae.metrics import Accumulator, MapsAccumulator
+from jaxvae.metrics import Accumulator
 from jaxvae.predictors import (
     PREDICTORS,
     SIGNED_PREDICTORS,

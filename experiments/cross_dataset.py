@@ -16,6 +16,7 @@ mean and standard deviation over seeds of every metric. With one test case, a bo
 test cases cannot give an interval: the spread shown is over seeds only.
 """
 
+import dataclasses
 import json
 import math
 import sys
@@ -54,6 +55,8 @@ def parser():
                     help="about this many steps without a better validation loss (in epochs: "
                          "ceil(this / steps per epoch))")
     ap.add_argument("--proj-steps", type=int, default=100)
+    ap.add_argument("--crop", action="store_true",
+                    help="slices resized from the brain's bounding box (Zimmerer et al.'s code)")
     ap.add_argument("--runs", type=Path, default=Path("results/runs"))
     ap.add_argument("--out", type=Path, default=Path("results/cross_dataset"))
     return ap
@@ -65,7 +68,8 @@ def train_run(args, seed, slices, desc):
     train_set, val, _ = split.slices(slices)
     run = args.runs.resolve() / (f"xd-{Path(args.train_data).name}-{args.modality}-"
                                  f"l{args.latent_dim}-b{args.beta:g}-lr{args.lr:g}-"
-                                 f"ms{args.max_steps}-ps{args.patience_steps}-s{seed}")
+                                 f"ms{args.max_steps}-ps{args.patience_steps}-s{seed}"
+                                 + ("-crop" if args.crop else ""))
     cfg = TrainConfig(latent_dim=args.latent_dim, beta=args.beta, lr=args.lr,
                       batch_size=args.batch_size, epochs=100_000,
                       seed=seed, checkpoint_every=50,
@@ -93,7 +97,7 @@ def train_run(args, seed, slices, desc):
 def baseline_variants(args, val, test):
     """The intensity baseline unclipped and histogram-equalised (Meissen et al. 2021), scored
     like every map: thresholds from the same validation case, beside the clipped one."""
-    unclipped = PreprocessParams(clip=None)
+    unclipped = PreprocessParams(clip=None, crop=args.crop)
     raw_val = datasets.load_dataset(args.train_data, args.modality,
                                     params=unclipped)[0].for_cases(val.cases)
     raw_test = datasets.load_dataset(args.test_data, args.modality, params=unclipped)[0]
@@ -124,8 +128,13 @@ def summary_table(per_seed):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    slices, desc = datasets.load_dataset(args.train_data, args.modality, progress=True)
-    test, _ = datasets.load_dataset(args.test_data, args.modality, progress=True)
+    params = PreprocessParams(crop=args.crop)
+    slices, desc = datasets.load_dataset(args.train_data, args.modality, params=params,
+                                         progress=True)
+    if args.crop:
+        desc = {**desc, "preprocess": dataclasses.asdict(params)}
+    test, _ = datasets.load_dataset(args.test_data, args.modality, params=params,
+                                    progress=True)
     settings = EvalSettings(predictors=KNOWN_PREDICTORS, proj_steps=args.proj_steps, n_boot=0)
     per_seed = []
     for seed in args.seeds:
@@ -145,7 +154,8 @@ def main(argv=None):
           f"{Path(args.test_data).name} ({args.modality})\n\n`{command}`\n\n"
           f"l = {args.latent_dim}, beta = {args.beta:g}, lr {args.lr:g}, batch "
           f"{args.batch_size}, at most "
-          f"{args.max_steps} steps, patience ~{args.patience_steps} steps; {steps}. "
+          f"{args.max_steps} steps, patience ~{args.patience_steps} steps"
+          f"{', slices cropped to the brain box' if args.crop else ''}; {steps}. "
           f"{len(test.cases)} test case(s), {len(test)} slices. Thresholds and ensembles "
           f"fitted on each run's validation case. Mean ± sd over {len(per_seed)} seed(s).\n\n"
           + summary_table(per_seed))

@@ -114,6 +114,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run")
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--crop-to-brain", action="store_true",
+                   help="resize the brain's bounding box, not the whole slice (Zimmerer et "
+                        "al.'s code); the run remembers it for evaluate and score")
     p.add_argument("--coordinator", default=None, help="multi-process: host:port of process 0")
     p.add_argument("--num-processes", type=_positive(int), default=1)
     p.add_argument("--process-id", type=int, default=0)
@@ -160,9 +163,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args):
+    import dataclasses
+
     from jaxvae.checkpoint import check_run_dir
     from jaxvae.config import AugmentConfig, TrainConfig
     from jaxvae.data import datasets, splits
+    from jaxvae.data.preprocess import PreprocessParams
     from jaxvae.train import train
 
     _check_outputs(args.out, [], args.overwrite)  # a file in the way: refuse before loading
@@ -172,7 +178,11 @@ def cmd_train(args):
     if args.coordinator:
         from jaxvae.parallel import initialize_distributed
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    slices, desc = datasets.load_dataset(args.data, args.modality, progress=True)
+    preprocess = PreprocessParams(crop=args.crop_to_brain)
+    slices, desc = datasets.load_dataset(args.data, args.modality, params=preprocess,
+                                         progress=True)
+    if preprocess != PreprocessParams():  # recorded when not the default (older runs resume)
+        desc = {**desc, "preprocess": dataclasses.asdict(preprocess)}
     if args.split:
         split = splits.read_split(args.split, slices.cases)
     else:
@@ -235,6 +245,7 @@ def _run_and_data(args):
 
     model, params, cfg, info = load_run(args.run, with_info=True)  # the best-val checkpoint
     d = cfg.data or {}
+    preprocess = run_preprocess(cfg)
     own = "phantom" if d.get("source") == "phantom" else d.get("path")
     modality = args.modality or d.get("modality") or "t2"
     split = splits.run_split(d)
@@ -245,18 +256,18 @@ def _run_and_data(args):
         if own != "phantom" and not Path(own).exists():
             raise ConfigError(f"{args.run}: its validation cases are in {own}, which is gone; "
                               "thresholds and the ensemble are fitted on them")
-        slices, _ = datasets.load_dataset(own, modality, progress=True)
+        slices, _ = datasets.load_dataset(own, modality, params=preprocess, progress=True)
         val = slices.for_cases(split.val)
     if args.data is None or (own is not None and _same_data(args.data, own)):
         if split is None or not split.test:
             raise ConfigError(f"{args.run}: the run holds out no test case of {own} (it trained "
                               "on every case); evaluate it on another dataset with --data")
-        slices, _ = datasets.load_dataset(own, modality, progress=True)
+        slices, _ = datasets.load_dataset(own, modality, params=preprocess, progress=True)
         test = slices.for_cases(split.test)
     else:  # another dataset: every case of it
         for case in datasets.find_cases(args.data, modality)[0]:  # names of plain volumes
             check_modality(case.image_path, d.get("modality"), args.modality)
-        test, _ = datasets.load_dataset(args.data, modality, progress=True)
+        test, _ = datasets.load_dataset(args.data, modality, params=preprocess, progress=True)
     return model, params, cfg, test, val, info
 
 
@@ -307,7 +318,8 @@ def cmd_score(args):
             written += score.score_volume(model, params, path, args.out, beta=cfg.beta,
                                              mask=args.mask, settings=settings,
                                              overwrite=args.overwrite, png=args.png,
-                                             volume_index=args.volume_index)
+                                             volume_index=args.volume_index,
+                                             preprocess=run_preprocess(cfg))
         except JaxvaeError as e:
             if args.strict or len(inputs) == 1:
                 raise
@@ -319,6 +331,13 @@ def cmd_score(args):
     if failed:
         return 1
     return 0
+
+
+def run_preprocess(cfg):
+    """The PreprocessParams a run was trained with (its config's data description)."""
+    from jaxvae.data.preprocess import PreprocessParams
+
+    return PreprocessParams(**(cfg.data or {}).get("preprocess", {}))
 
 
 def check_modality(path, trained, asked):

@@ -136,7 +136,7 @@ def sharded_project(model, params, x, *, mesh=None, **kwargs):
 
 
 def score_volume(model, params, path, out_dir, *, beta=1.0, mask=None, settings=None,
-                 overwrite=False, png=False, volume_index=None) -> list[Path]:
+                 overwrite=False, png=False, volume_index=None, preprocess=None) -> list[Path]:
     """Anomaly maps of one NIfTI volume, written as NIfTI maps on the input's grid.
 
     Args:
@@ -147,6 +147,7 @@ def score_volume(model, params, path, out_dir, *, beta=1.0, mask=None, settings=
       settings: EvalSettings (predictors, smoothing, projection steps...).
       overwrite: replace existing outputs.
       png: also write an overlay figure of the slices with the highest map values.
+      preprocess: the run's PreprocessParams (None: the defaults).
 
     Returns:
       The paths written. Every map is computed before the first file is written, each file
@@ -167,7 +168,8 @@ def score_volume(model, params, path, out_dir, *, beta=1.0, mask=None, settings=
             raise OutputError(f"{existing[0]}: already exists (use --overwrite to replace it)")
     volume = nifti.load_volume(path, volume_index=volume_index)
     mask_native = nifti.load_seg(mask, volume) if mask else None
-    images, brain, _, geometry = preprocess_volume(volume.data, PreprocessParams(), mask_native,
+    images, brain, _, geometry = preprocess_volume(volume.data, preprocess or PreprocessParams(),
+                                                   mask_native,
                                                    name=path)
     maps = compute_maps(model, params, images, beta=beta, settings=settings)
     brain_native = brain_mask(volume.data, mask_native, name=path)

@@ -193,3 +193,27 @@ def test_geometry_arrays_round_trip_and_params_checked():
     for bad in ({"size": 0}, {"drop_fraction": 0.5}, {"clip": 0.0}, {"min_brain_pixels": -1}):
         with pytest.raises(ConfigError):
             PreprocessParams(**bad)
+
+
+def test_crop_resizes_the_brain_box_and_the_way_back_inverts_it():
+    # an off-centre ellipsoid brain in a wide field of view
+    x, y, z = np.mgrid[:120, :100, :40]
+    brain = ((x - 40) / 30.0) ** 2 + ((y - 60) / 22.0) ** 2 + ((z - 20) / 16.0) ** 2 < 1
+    vol = np.where(brain, 100.0 + 10 * np.sin(x / 5.0) + y / 10.0, 0.0)
+    whole = preprocess_volume(vol, PreprocessParams())
+    crop = preprocess_volume(vol, PreprocessParams(crop=True))
+    assert crop[1].mean() > 3 * whole[1].mean()  # the brain fills more of the cropped slice
+    geo = crop[3]
+    assert geo.pad == (-11, -31) and geo.square == 59  # box x 11..69 (the longer), y 39..81
+    back = maps_to_volume(np.ones_like(crop[0]), geo)
+    kept = list(geo.slices)
+    box = back[:, :, kept] > 0
+    xs, ys = np.flatnonzero(box.any(axis=(1, 2))), np.flatnonzero(box.any(axis=(0, 2)))
+    assert (xs[0], xs[-1]) == (11, 69) and (ys[0], ys[-1]) == (31, 89)  # the square, no more
+    np.testing.assert_allclose(back[:, :, kept][box], 1.0, atol=1e-9)
+    assert not back[:, :, [i for i in range(40) if i not in kept]].any()
+    # the image itself, down and back up, lands where it came from
+    img = maps_to_volume(crop[0], geo)
+    ref = maps_to_volume(whole[0], whole[3])
+    inner = brain & (back > 0)
+    assert np.corrcoef(img[inner], ref[inner])[0, 1] > 0.95

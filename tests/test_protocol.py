@@ -106,3 +106,41 @@ def test_a_run_scores_another_sequence_only_when_told(tmp_path, capsys):
     flair = t2.with_name("phantom_lesion_000_flair.nii.gz")
     assert main(["score", "--run", str(run), "--input", str(flair), "--predictors",
                  "rec_error", "--out", str(tmp_path / "o2")]) == 0
+
+
+def test_a_cropped_run_is_evaluated_and_scores_with_its_own_preprocessing(tmp_path,
+                                                                          monkeypatch):
+    import nibabel as nib
+
+    from jaxvae.data import preprocess
+
+    phantom.write_brats(tmp_path / "d", n_healthy=3, n_lesion=2, seed=0, modalities=("t2",),
+                        **SMALL)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "d"), "--out", str(run), "--epochs", "1",
+                 "--latent-dim", "8", "--batch-size", "16", "--crop-to-brain"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["preprocess"]["crop"] is True
+    seen = []
+    real = preprocess.preprocess_volume
+
+    def spy(volume, params=None, *a, **kw):
+        params = params or preprocess.PreprocessParams()
+        seen.append(params.crop)
+        return real(volume, params, *a, **kw)
+
+    monkeypatch.setattr(preprocess, "preprocess_volume", spy)
+    import jaxvae.data.datasets as ds
+    import jaxvae.score as sc
+
+    monkeypatch.setattr(ds, "preprocess_volume", spy)
+    monkeypatch.setattr(sc, "preprocess_volume", spy)
+    monkeypatch.setenv("JAXVAE_CACHE", str(tmp_path / "cache"))  # no cached slices
+    assert main(["evaluate", "--run", str(run), "--out", str(tmp_path / "e"), "--predictors",
+                 "rec_error", "--n-boot", "0"]) == 0
+    vol = tmp_path / "d" / "phantom_lesion_000" / "phantom_lesion_000_t2.nii.gz"
+    assert main(["score", "--run", str(run), "--input", str(vol), "--out", str(tmp_path / "m"),
+                 "--predictors", "rec_error"]) == 0
+    assert seen and all(seen)  # every volume went through the run's cropping
+    out = nib.load(tmp_path / "m" / "phantom_lesion_000_t2_rec_error.nii.gz")
+    assert out.shape == nib.load(vol).shape and np.count_nonzero(out.get_fdata()) > 100

@@ -251,7 +251,7 @@ def _run_and_data(args):
     split = splits.run_split(d)
     if own is None and args.data is None:
         raise ConfigError(f"{args.run}: the run records no data path; give --data")
-    val = None
+    val = slices = None
     if own is not None and split is not None and split.val:
         if own != "phantom" and not Path(own).exists():
             raise ConfigError(f"{args.run}: its validation cases are in {own}, which is gone; "
@@ -262,7 +262,8 @@ def _run_and_data(args):
         if split is None or not split.test:
             raise ConfigError(f"{args.run}: the run holds out no test case of {own} (it trained "
                               "on every case); evaluate it on another dataset with --data")
-        slices, _ = datasets.load_dataset(own, modality, params=preprocess, progress=True)
+        if slices is None:
+            slices, _ = datasets.load_dataset(own, modality, params=preprocess, progress=True)
         test = slices.for_cases(split.test)
     else:  # another dataset: every case of it
         for case in datasets.find_cases(args.data, modality)[0]:  # names of plain volumes

@@ -2,8 +2,9 @@
 
     python experiments/summary.py results/table1/table1.json results/table2/table2.json
 
-Each cell: AUROC (the paper's AUROC) / AUPRC / Dice at the validation threshold, pooled over
-the folds' test cases (mean over seeds where there are several).
+Each cell: AUROC (the paper's AUROC) / AUPRC [95 % case-bootstrap interval] / Dice at the
+validation threshold, pooled over the folds' test cases; with several seeds the means, and
+AUPRC's mean ± sd over seeds.
 """
 
 import json
@@ -16,7 +17,17 @@ from jaxvae.io import markdown_table  # noqa: E402
 
 
 def _f(x):
-    return "–" if x is None else f"{x:.3f}"
+    return "–" if x is None or x != x else f"{x:.3f}"
+
+
+def _auprc(res, p):
+    """AUPRC: the value [95 % case-bootstrap interval] of one seed, or mean ± sd of several."""
+    s = res["summary"][p]["auprc"]
+    if s["n"] > 1:
+        return f"{_f(s['mean'])} ± {_f(s['sd'])}"
+    r = next(iter(res["seeds"].values()))["predictors"][p]
+    lo, hi = r.get("ci", {}).get("auprc", (None, None))
+    return f"{_f(r['auprc'])} [{_f(lo)}, {_f(hi)}]"
 
 
 def compact(payload) -> str:
@@ -28,13 +39,13 @@ def compact(payload) -> str:
         for s in cols:
             m = res[s]["summary"].get(p)
             cells.append("–" if m is None else f"**{_f(m['auroc']['mean'])}** "
-                         f"({_f((paper.get(s) or {}).get(p))}) / {_f(m['auprc']['mean'])} / "
+                         f"({_f((paper.get(s) or {}).get(p))}) / {_auprc(res[s], p)} / "
                          f"{_f(m['dice_val']['mean'])}")
         if set(cells) != {"–"}:
             name = "intensity (baseline)" if p == "intensity" else p
             lines.append([name, *cells])
-    return markdown_table(["predictor", *(f"{s}: AUROC (paper) / AUPRC / Dice" for s in cols)],
-                          lines)
+    return markdown_table(["predictor", *(f"{s}: AUROC (paper) / AUPRC / Dice (val. thr.)"
+                                          for s in cols)], lines)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from jaxvae.checkpoint import load_run
-from jaxvae.config import TrainConfig
+from jaxvae.config import TrainConfig, model_from_config
 from jaxvae.data import datasets, splits
 from jaxvae.data.preprocess import PreprocessParams
 from jaxvae.evaluate import KNOWN_PREDICTORS, EvalSettings, row_order, score_dataset, score_maps
 from jaxvae.io import markdown_table, write_text
-from jaxvae.train import train
+from jaxvae.train import init_state, train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data"
 METRICS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
@@ -55,6 +55,9 @@ def parser():
                     help="about this many steps without a better validation loss (in epochs: "
                          "ceil(this / steps per epoch))")
     ap.add_argument("--proj-steps", type=int, default=100)
+    ap.add_argument("--untrained", action="store_true",
+                    help="control: score the initial network of each seed (no training), with "
+                         "the same validation case, thresholds and ensembles")
     ap.add_argument("--crop", action="store_true",
                     help="slices resized from the brain's bounding box (Zimmerer et al.'s code)")
     ap.add_argument("--runs", type=Path, default=Path("results/runs"))
@@ -79,6 +82,11 @@ def train_run(args, seed, slices, desc):
                       data=splits.split_description(desc, folds=1, fold=0, seed=seed,
                                                     split=split,
                                                     n_train_slices=len(train_set)))
+    if args.untrained:  # the control: the initial parameters of this seed's run
+        model = model_from_config(cfg)
+        return model, init_state(cfg)[0], cfg, val, {
+            "steps": 0, "epochs": 0, "stop": "untrained", "best_step": 0,
+            "train_seconds": 0.0, "val_cases": list(split.val)}
     t0 = time.time()
     _, history = train(cfg, train_set.images, run, resume=True, progress=False,
                        val_images=val.lesion_free().images)

@@ -35,6 +35,14 @@ def test_cross_dataset_two_seeds(tmp_path):
         rows = s["results"]["predictors"]
         assert {"rec_pos", "intensity_unclipped", "intensity_histeq"} <= set(rows)
     assert "| rec_grad_pos |" in out and " ± " in out  # mean ± sd over the two seeds
+    _run("cross_dataset.py", "--train-data", tmp_path / "a", "--test-data", tmp_path / "b",
+         "--seeds", 0, "--latent-dim", 8, "--batch-size", 8, "--proj-steps", 2, "--untrained",
+         "--runs", tmp_path / "runs", "--out", tmp_path / "untrained")
+    ctl = json.loads((tmp_path / "untrained" / "cross_dataset.json").read_text())["seeds"][0]
+    assert ctl["training"]["steps"] == 0 and ctl["training"]["val_cases"] == res["seeds"][0][
+        "training"]["val_cases"]  # the same validation case as the trained run of that seed
+    assert ctl["results"]["predictors"]["rec_error"] != res["seeds"][0]["results"][
+        "predictors"]["rec_error"]
 
 
 @pytest.mark.slow

@@ -158,7 +158,9 @@ def main(argv=None):
     steps = ", ".join(f"seed {s['seed']}: {s['training']['steps']} steps "
                       f"(best {s['training']['best_step']}, {s['training']['stop']}, "
                       f"{s['training']['train_seconds']:.0f} s)" for s in per_seed)
-    md = (f"# Cross-dataset: trained on {Path(args.train_data).name}, tested on "
+    what = ("untrained control (initial networks, no training)" if args.untrained
+            else f"trained on {Path(args.train_data).name}")
+    md = (f"# Cross-dataset: {what}, tested on "
           f"{Path(args.test_data).name} ({args.modality})\n\n`{command}`\n\n"
           f"l = {args.latent_dim}, beta = {args.beta:g}, lr {args.lr:g}, batch "
           f"{args.batch_size}, at most "

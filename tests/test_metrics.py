@@ -7,14 +7,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from jaxvae import case_metrics
-from jaxvae.case_metrics import (
-    CaseHist,
-    MapsAccumulator,
-    bootstrap_ci,
-    bootstrap_samples,
-    evaluate_maps,
-)
+from jaxvae import bootstrap
+from jaxvae.bootstrap import CaseHist, bootstrap_ci, bootstrap_samples
+from jaxvae.case_metrics import MapsAccumulator, evaluate_maps
 from jaxvae.errors import ConfigError
 from jaxvae.metrics import (
     METRIC_KEYS,
@@ -443,7 +438,7 @@ def test_bootstrap_matches_direct_resampling(monkeypatch):
         assert got[k][0] < got[k][1], k  # a real interval
     # chunks of resamples (7 at a time: 300 = 42 * 7 + 6) give the same values as one chunk
     n_bins = np.unique(np.concatenate([h.bins for h in hists])).size
-    monkeypatch.setattr(case_metrics, "_BOOT_CHUNK", 7 * n_bins)
+    monkeypatch.setattr(bootstrap, "_BOOT_CHUNK", 7 * n_bins)
     chunked = bootstrap_samples(hists, n_boot, seed)
     assert all(np.array_equal(chunked[k], samples[k], equal_nan=True) for k in samples)
     # the same through MapsAccumulator: one slice per case, cases in sorted id order

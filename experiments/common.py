@@ -27,10 +27,11 @@ import numpy as np
 from jaxvae.checkpoint import load_run
 from jaxvae.config import TrainConfig
 from jaxvae.data import datasets, splits
-from jaxvae.evaluate import EvalSettings, compute_maps, row_order, score_folds
+from jaxvae.evaluate import EvalSettings, compute_maps, score_folds
 from jaxvae.figures import map_figure
 from jaxvae.io import markdown_table, write_text
 from jaxvae.model import reconstruct
+from jaxvae.results import row_order
 from jaxvae.train import train
 
 _TABLES = Path(__file__).resolve().parents[1].parent / "shared/reference/paper_tables.json"

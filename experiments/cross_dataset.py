@@ -29,8 +29,9 @@ from jaxvae.checkpoint import load_run
 from jaxvae.config import TrainConfig, model_from_config
 from jaxvae.data import datasets, splits
 from jaxvae.data.preprocess import PreprocessParams
-from jaxvae.evaluate import KNOWN_PREDICTORS, EvalSettings, row_order, score_dataset, score_maps
+from jaxvae.evaluate import KNOWN_PREDICTORS, EvalSettings, score_dataset, score_maps
 from jaxvae.io import markdown_table, write_text
+from jaxvae.results import row_order
 from jaxvae.train import init_state, train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data"

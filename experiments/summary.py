@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jaxvae.evaluate import ROW_ORDER  # noqa: E402
 from jaxvae.io import markdown_table  # noqa: E402
+from jaxvae.results import ROW_ORDER  # noqa: E402
 
 
 def _f(x):

@@ -273,7 +273,8 @@ def _run_and_data(args):
 
 
 def cmd_evaluate(args):
-    from jaxvae.evaluate import score_dataset, write_results
+    from jaxvae.evaluate import score_dataset
+    from jaxvae.results import write_results
 
     _check_outputs(args.out, ["results.json", "results.md", "per_case.csv"], args.overwrite)
     if not 0 < args.val_quantile < 1 or args.n_boot < 0:

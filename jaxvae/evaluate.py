@@ -13,21 +13,14 @@ inside the brain, AUPRC and best Dice, where a method shows that it localises mo
 the image intensity already shows.
 """
 
-import csv
 import dataclasses
-import io
-import json
-import math
 
 import numpy as np
-import scipy.ndimage as ndi
 from tqdm.auto import tqdm
 
+from jaxvae.calibration import Calibration, _ensemble_map, _rows_of, calibrate
 from jaxvae.case_metrics import MapsAccumulator
-from jaxvae.ensemble import fit_samples
 from jaxvae.errors import ConfigError
-from jaxvae.io import all_or_nothing, markdown_table, write_text
-from jaxvae.metrics import Accumulator
 from jaxvae.predictors import (
     PREDICTORS,
     SIGNED_PREDICTORS,
@@ -37,17 +30,6 @@ from jaxvae.predictors import (
 
 ALL_PREDICTORS = (*PREDICTORS, "proj_rec_error")  # the paper's: the default
 KNOWN_PREDICTORS = (*ALL_PREDICTORS, *SIGNED_PREDICTORS, *VARIANT_PREDICTORS)
-ENSEMBLE_FEATURES = ("rec_error", "kl_grad", "rec_grad")
-# with the one-signed maps computed: an intensity-aware ensemble of them
-SIGNED_ENSEMBLE_FEATURES = ("rec_pos", "rec_grad_pos", "kl_grad", "intensity")
-MAX_FIT_PIXELS = 200_000  # brain pixels of the validation cases an ensemble is fitted on
-# table order: the paper's predictors, the one-signed maps, the baseline and the ensembles
-ROW_ORDER = ("rec_error", "elbo_grad", "elbo_grad_sum", "kl_grad", "rec_grad", "combi",
-             "proj_rec_error", "rec_pos", "rec_grad_pos", "intensity", "intensity_unclipped",
-             "intensity_histeq", "ensemble_plain",
-             "ensemble", "ensemble+intensity", "ensemble_signed+intensity")
-METRIC_COLUMNS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
-                  ("dice_val", "Dice (val. threshold)"), ("dice_best", "best Dice (oracle)"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +46,7 @@ class EvalSettings:
       n_samples, seed: Monte-Carlo z (0 = z is mu) and its key.
       proj_steps, proj_lam, proj_lr: Proj-Rec-Error (Adam steps on x, L1 weight, lr).
       ensemble: fit the logistic-regression ensembles on the validation cases (when they
-        have lesions): "ensemble" on ENSEMBLE_FEATURES (log-scaled, class-balanced),
+        have lesions): "ensemble" on calibration.ENSEMBLE_FEATURES (log-scaled, balanced),
         "ensemble_plain" the paper's plain regression on the same features, and with
         `ensemble_intensity` "ensemble+intensity" (+ the image) and, when the one-signed
         maps are computed, "ensemble_signed+intensity" (SIGNED_ENSEMBLE_FEATURES).
@@ -147,22 +129,6 @@ def compute_maps(model, params, images, *, beta=1.0, settings=EvalSettings(), pr
         for name, m in maps.items():
             out[name][rows] = m
     return out
-
-
-def postprocess_maps(maps, brain, *, erode=3, median=5):
-    """Baur et al. (2021) post-processing: zero outside the eroded brain, then median filter.
-
-    Every step is in-plane, so a batch of slices gives the slices' rows of the whole stack.
-
-    Args:
-      maps: (S, H, W) map; brain: (S, H, W) bool.
-      erode: erosion iterations of the brain mask (pixels), in-plane.
-      median: in-plane median filter size.
-    """
-    struct = np.zeros((3, 3, 3), bool)
-    struct[1] = ndi.generate_binary_structure(2, 1)  # in-plane only: slices are independent
-    inner = ndi.binary_erosion(brain, struct, iterations=erode)
-    return ndi.median_filter(maps * inner, size=(1, median, median)).astype(np.float32)
 
 
 def score_dataset(model, params, slices, *, val=None, beta=1.0, settings=EvalSettings(),
@@ -267,98 +233,6 @@ def score_maps(maps, slices, *, val_maps=None, val=None, beta=1.0, settings=Eval
     return _results(pixels, [slices], [cal], beta=beta, settings=settings)
 
 
-@dataclasses.dataclass
-class Calibration:
-    """What is fitted on the validation cases: thresholds and ensembles.
-
-    Attributes:
-      thresholds: {row: score threshold} (a pixel is called lesion where score >= it).
-      ensembles: {"ensemble" / "ensemble+intensity": Ensemble} (only with val lesions).
-      method: "val_best_dice" (the threshold of best Dice on the validation cases, which
-        have lesions), "val_quantile" (`settings.val_quantile` of the validation maps inside
-        the brain: healthy validation cases) or "none" (no validation cases).
-      val_cases: the validation case IDs.
-      val_results: pooled metrics of every row on the validation cases.
-    """
-
-    thresholds: dict = dataclasses.field(default_factory=dict)
-    ensembles: dict = dataclasses.field(default_factory=dict)
-    method: str = "none"
-    val_cases: tuple = ()
-    val_results: dict = dataclasses.field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"method": self.method, "val_cases": list(self.val_cases),
-                "thresholds": self.thresholds, "val_pooled": self.val_results,
-                "ensemble_weights": {k: e.to_json() for k, e in self.ensembles.items()}}
-
-
-def _rows_of(maps, slices, settings):
-    """The maps plus the intensity baseline and (when asked) the post-processed rows."""
-    maps = {**maps, "intensity": np.asarray(slices.images, np.float32)}  # Meissen et al. 2021
-    if settings.postprocess:
-        maps.update({f"{name}+pp": postprocess_maps(maps[name], slices.brain)
-                     for name in list(maps)})
-    return maps
-
-
-# An ensemble is a model of brain pixels (it is fitted on them only): outside the brain its
-# score is the lowest there is, as every map's is ~0 there, instead of an extrapolation of
-# the regression to background values it never saw.
-_OUTSIDE = np.float32(np.finfo(np.float32).min)
-
-
-def _ensemble_map(ensemble, maps, brain):
-    """The ensemble's score of every pixel, the lowest score outside the brain."""
-    pred = ensemble.predict({f: maps[f] for f in ensemble.feature_names})
-    return np.where(brain, pred, _OUTSIDE).astype(np.float32)
-
-
-def calibrate(val_maps, val, settings=EvalSettings()) -> Calibration:
-    """Fit thresholds (and, where the validation cases have lesions, the ensembles) on them.
-
-    Args:
-      val_maps: {name: (V, 64, 64)} maps of the validation slices.
-      val: their SliceSet.
-      settings: EvalSettings (ensemble switches, val_quantile, seed).
-    """
-    maps = _rows_of(val_maps, val, settings)
-    ensembles = {}
-    has_lesion = bool(val.lesion.any())
-    feats = [f for f in ENSEMBLE_FEATURES if f in maps]
-    if has_lesion and settings.ensemble and len(feats) == len(ENSEMBLE_FEATURES):
-        variants = {"ensemble": feats, "ensemble_plain": feats}
-        if settings.ensemble_intensity:
-            variants["ensemble+intensity"] = [*feats, "intensity"]
-            if all(f in maps for f in SIGNED_ENSEMBLE_FEATURES):
-                variants["ensemble_signed+intensity"] = list(SIGNED_ENSEMBLE_FEATURES)
-        idx = np.flatnonzero(val.brain.reshape(-1))
-        rng = np.random.default_rng(settings.seed)
-        if idx.size > MAX_FIT_PIXELS:
-            idx = np.sort(rng.choice(idx, size=MAX_FIT_PIXELS, replace=False))
-        y = val.lesion.reshape(-1)[idx]
-        for name, fs in variants.items():
-            # "ensemble_plain": the paper's plain logistic regression (no log transform, no
-            # class weights) on the same pixels, beside ours
-            plain = name == "ensemble_plain"
-            ensembles[name] = fit_samples({f: maps[f].reshape(-1)[idx] for f in fs}, y,
-                                          fit_cases=val.cases, balanced=not plain,
-                                          log_features=[] if plain else
-                                          [f for f in fs if f != "intensity"])
-            maps[name] = _ensemble_map(ensembles[name], maps, val.brain)
-    pooled = {name: Accumulator().update(m, val.lesion, val.brain) for name, m in maps.items()}
-    if has_lesion:
-        thresholds = {k: a.result()["dice_threshold"] for k, a in pooled.items()}
-        method = "val_best_dice"
-    else:
-        thresholds = {k: a.threshold_at_quantile(settings.val_quantile)
-                      for k, a in pooled.items()}
-        method = "val_quantile"
-    return Calibration(thresholds=thresholds, ensembles=ensembles, method=method,
-                       val_cases=tuple(val.cases),
-                       val_results={k: a.result() for k, a in pooled.items()})
-
-
 def _accumulate(batches, names, slices, cal, *, settings, keep=None, keep_names=None,
                 progress=False):
     """Stream the maps of `batches` into the metrics of every row (see `score_dataset`).
@@ -422,93 +296,3 @@ def _results(pixels, parts, cals, *, beta, settings) -> dict:
             "predictors": {name: {**r["pooled"], "per_case": r["per_case_summary"]}
                            for name, r in scored.items()},
             "per_case": {name: r["per_case"] for name, r in scored.items()}}
-
-
-def row_order(name):
-    """Sort key of a result row: ROW_ORDER, each map before its post-processed '+pp' row."""
-    base = name.removesuffix("+pp")
-    return (ROW_ORDER.index(base) if base in ROW_ORDER else len(ROW_ORDER),
-            name.endswith("+pp"), name)
-
-
-def _fmt(v, ci=None):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if ci is None or any(c is None or math.isnan(c) for c in ci):
-        return f"{v:.3f}"
-    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def results_table(results, paper=None) -> str:
-    """Markdown table of a results dict, 95 % case-bootstrap intervals in brackets.
-
-    Args:
-      results: from `score_dataset` / `score_maps`.
-      paper: optional {predictor: the paper's AUROC}.
-    """
-    cols = list(METRIC_COLUMNS)
-    if not results.get("n_lesion_pixels"):  # healthy data: what can be measured there
-        cols = [("frac_above", "brain pixels >= val threshold")]
-    header = ["predictor", *(label for _, label in cols), *(["paper AUROC"] if paper else [])]
-    lines = []
-    for name, r in sorted(results["predictors"].items(), key=lambda kv: row_order(kv[0])):
-        label = f"{name} (baseline)" if name == "intensity" else name
-        ci = r.get("ci", {})
-        vals = [_fmt(r.get(k), ci.get(k) if k != "dice_best" else None) for k, _ in cols]
-        lines.append([label, *vals, *([_fmt(paper.get(name))] if paper else [])])
-    return markdown_table(header, lines)
-
-
-PER_CASE_COLUMNS = ("auroc", "auroc_brain", "auprc", "dice_val", "dice_best", "lesion_pixels",
-                    "frac_above")
-
-
-def per_case_csv(results) -> str:
-    """One row per case and predictor: the per-case metrics of `results["per_case"]`."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["case", "predictor", *PER_CASE_COLUMNS])
-    for name in sorted(results.get("per_case", {}), key=row_order):
-        for case, m in results["per_case"][name].items():
-            w.writerow([case, name, *("" if m.get(k) is None else m[k]
-                                      for k in PER_CASE_COLUMNS)])
-    return buf.getvalue()
-
-
-def describe(results) -> str:
-    """The lines above the table: test set, calibration, intervals."""
-    cal, settings = results.get("calibration", {}), results.get("settings", {})
-    n_val = sum(len(c.get("val_cases", [])) for c in cal.get("folds", [cal]))
-    how = {"val_best_dice": "the best-Dice threshold and the ensemble fitted on the "
-                            f"{n_val} validation case(s)" + (" of each fold" if "folds" in cal
-                                                             else ""),
-           "val_quantile": f"the {settings.get('val_quantile')} quantile of the healthy "
-                           "validation cases' brain pixels (no ensemble: no validation lesion)",
-           }.get(cal.get("method"), "no validation cases (no threshold, no ensemble)")
-    n_boot = settings.get("n_boot", 0)
-    return (f"{results['n_cases']} test cases, {results['n_slices']} slices, pixel metrics "
-            f"pooled over all test slices; Dice at {how}; best Dice is the oracle (threshold "
-            f"chosen on the test labels). " + (f"95 % intervals: {n_boot} bootstrap resamples "
-                                               "of the test cases." if n_boot else ""))
-
-
-def write_results(results, out_dir, *, overwrite=False, paper=None, title="jaxvae results"):
-    """Write results.json, results.md and per_case.csv (atomically, all or none) to out_dir."""
-    from pathlib import Path
-
-    out_dir = Path(out_dir)
-    md = f"# {title}\n\n{describe(results)}\n\n" + results_table(results, paper)
-    files = {"results.json": json.dumps(results, indent=1, default=_json_default),
-             "results.md": md, "per_case.csv": per_case_csv(results)}
-    with all_or_nothing([out_dir / f for f in files]):
-        for name, text in files.items():
-            write_text(out_dir / name, text, overwrite=overwrite)
-    return md
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(o)}")

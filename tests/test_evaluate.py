@@ -7,18 +7,17 @@ import pytest
 import scipy.ndimage as ndi
 
 import jaxvae
+from jaxvae.calibration import postprocess_maps
 from jaxvae.data.datasets import SliceSet
 from jaxvae.errors import OutputError
 from jaxvae.evaluate import (
     EvalSettings,
     compute_maps,
-    postprocess_maps,
-    results_table,
     score_dataset,
     score_folds,
     score_maps,
-    write_results,
 )
+from jaxvae.results import results_table, write_results
 
 
 @pytest.fixture(scope="module")

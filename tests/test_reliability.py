@@ -35,8 +35,8 @@ from jaxvae.cli import main
 from jaxvae.config import TrainConfig
 from jaxvae.data.datasets import Case, load_slices
 from jaxvae.errors import OutputError
-from jaxvae.evaluate import write_results
 from jaxvae.io import confined
+from jaxvae.results import write_results
 from jaxvae.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -438,7 +438,7 @@ def test_failed_write_removes_the_maps_already_written(tiny_run, good, tmp_path,
 
 
 def test_results_written_both_or_neither(tmp_path, monkeypatch):
-    import jaxvae.evaluate as ev
+    import jaxvae.results as ev
 
     results = {"n_cases": 1, "n_slices": 1, "predictors": {"rec_error": {"auroc": 0.5}}}
     real = ev.write_text

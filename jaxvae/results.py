@@ -1,0 +1,113 @@
+"""Results of an evaluation as files a person reads: results.json, results.md, per_case.csv.
+
+The results dict comes from jaxvae.evaluate (`score_dataset`, `score_maps`, `score_folds`);
+here it is ordered (`row_order`), rendered as a markdown table with its intervals, one CSV
+row per case and predictor, and written all or none.
+"""
+
+import csv
+import io
+import json
+import math
+
+import numpy as np
+
+from jaxvae.io import all_or_nothing, markdown_table, write_text
+
+# table order: the paper's predictors, the one-signed maps, the baseline and the ensembles
+ROW_ORDER = ("rec_error", "elbo_grad", "elbo_grad_sum", "kl_grad", "rec_grad", "combi",
+             "proj_rec_error", "rec_pos", "rec_grad_pos", "intensity", "intensity_unclipped",
+             "intensity_histeq", "ensemble_plain",
+             "ensemble", "ensemble+intensity", "ensemble_signed+intensity")
+METRIC_COLUMNS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
+                  ("dice_val", "Dice (val. threshold)"), ("dice_best", "best Dice (oracle)"))
+
+
+def row_order(name):
+    """Sort key of a result row: ROW_ORDER, each map before its post-processed '+pp' row."""
+    base = name.removesuffix("+pp")
+    return (ROW_ORDER.index(base) if base in ROW_ORDER else len(ROW_ORDER),
+            name.endswith("+pp"), name)
+
+
+def _fmt(v, ci=None):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if ci is None or any(c is None or math.isnan(c) for c in ci):
+        return f"{v:.3f}"
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def results_table(results, paper=None) -> str:
+    """Markdown table of a results dict, 95 % case-bootstrap intervals in brackets.
+
+    Args:
+      results: from `score_dataset` / `score_maps`.
+      paper: optional {predictor: the paper's AUROC}.
+    """
+    cols = list(METRIC_COLUMNS)
+    if not results.get("n_lesion_pixels"):  # healthy data: what can be measured there
+        cols = [("frac_above", "brain pixels >= val threshold")]
+    header = ["predictor", *(label for _, label in cols), *(["paper AUROC"] if paper else [])]
+    lines = []
+    for name, r in sorted(results["predictors"].items(), key=lambda kv: row_order(kv[0])):
+        label = f"{name} (baseline)" if name == "intensity" else name
+        ci = r.get("ci", {})
+        vals = [_fmt(r.get(k), ci.get(k) if k != "dice_best" else None) for k, _ in cols]
+        lines.append([label, *vals, *([_fmt(paper.get(name))] if paper else [])])
+    return markdown_table(header, lines)
+
+
+PER_CASE_COLUMNS = ("auroc", "auroc_brain", "auprc", "dice_val", "dice_best", "lesion_pixels",
+                    "frac_above")
+
+
+def per_case_csv(results) -> str:
+    """One row per case and predictor: the per-case metrics of `results["per_case"]`."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case", "predictor", *PER_CASE_COLUMNS])
+    for name in sorted(results.get("per_case", {}), key=row_order):
+        for case, m in results["per_case"][name].items():
+            w.writerow([case, name, *("" if m.get(k) is None else m[k]
+                                      for k in PER_CASE_COLUMNS)])
+    return buf.getvalue()
+
+
+def describe(results) -> str:
+    """The lines above the table: test set, calibration, intervals."""
+    cal, settings = results.get("calibration", {}), results.get("settings", {})
+    n_val = sum(len(c.get("val_cases", [])) for c in cal.get("folds", [cal]))
+    how = {"val_best_dice": "the best-Dice threshold and the ensemble fitted on the "
+                            f"{n_val} validation case(s)" + (" of each fold" if "folds" in cal
+                                                             else ""),
+           "val_quantile": f"the {settings.get('val_quantile')} quantile of the healthy "
+                           "validation cases' brain pixels (no ensemble: no validation lesion)",
+           }.get(cal.get("method"), "no validation cases (no threshold, no ensemble)")
+    n_boot = settings.get("n_boot", 0)
+    return (f"{results['n_cases']} test cases, {results['n_slices']} slices, pixel metrics "
+            f"pooled over all test slices; Dice at {how}; best Dice is the oracle (threshold "
+            f"chosen on the test labels). " + (f"95 % intervals: {n_boot} bootstrap resamples "
+                                               "of the test cases." if n_boot else ""))
+
+
+def write_results(results, out_dir, *, overwrite=False, paper=None, title="jaxvae results"):
+    """Write results.json, results.md and per_case.csv (atomically, all or none) to out_dir."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    md = f"# {title}\n\n{describe(results)}\n\n" + results_table(results, paper)
+    files = {"results.json": json.dumps(results, indent=1, default=_json_default),
+             "results.md": md, "per_case.csv": per_case_csv(results)}
+    with all_or_nothing([out_dir / f for f in files]):
+        for name, text in files.items():
+            write_text(out_dir / name, text, overwrite=overwrite)
+    return md
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(o)}")

@@ -241,11 +241,12 @@ def _same_data(a, b) -> bool:
 def _run_and_data(args):
     """The run, its test slices and its validation slices (see `cmd_evaluate`)."""
     from jaxvae.checkpoint import load_run
+    from jaxvae.config import preprocess_of
     from jaxvae.data import datasets, splits
 
     model, params, cfg, info = load_run(args.run, with_info=True)  # the best-val checkpoint
     d = cfg.data or {}
-    preprocess = run_preprocess(cfg)
+    preprocess = preprocess_of(cfg)
     own = "phantom" if d.get("source") == "phantom" else d.get("path")
     modality = args.modality or d.get("modality") or "t2"
     split = splits.run_split(d)
@@ -267,7 +268,7 @@ def _run_and_data(args):
         test = slices.for_cases(split.test)
     else:  # another dataset: every case of it
         for case in datasets.find_cases(args.data, modality)[0]:  # names of plain volumes
-            check_modality(case.image_path, d.get("modality"), args.modality)
+            datasets.check_modality(case.image_path, d.get("modality"), args.modality)
         test, _ = datasets.load_dataset(args.data, modality, params=preprocess, progress=True)
     return model, params, cfg, test, val, info
 
@@ -294,6 +295,8 @@ def cmd_evaluate(args):
 def cmd_score(args):
     from jaxvae import score
     from jaxvae.checkpoint import load_run
+    from jaxvae.config import preprocess_of
+    from jaxvae.data import datasets
 
     settings = _settings(args)  # bad flags before slow loading
     _check_outputs(args.out, [], args.overwrite)
@@ -311,7 +314,7 @@ def cmd_score(args):
     else:
         raise ConfigError(f"{args.input}: no such file or folder")
     for path in inputs:
-        check_modality(path, trained, args.modality)
+        datasets.check_modality(path, trained, args.modality)
     from tqdm.auto import tqdm
 
     written, failed = [], []
@@ -321,7 +324,7 @@ def cmd_score(args):
                                              mask=args.mask, settings=settings,
                                              overwrite=args.overwrite, png=args.png,
                                              volume_index=args.volume_index,
-                                             preprocess=run_preprocess(cfg))
+                                             preprocess=preprocess_of(cfg))
         except JaxvaeError as e:
             if args.strict or len(inputs) == 1:
                 raise
@@ -333,25 +336,6 @@ def cmd_score(args):
     if failed:
         return 1
     return 0
-
-
-def run_preprocess(cfg):
-    """The PreprocessParams a run was trained with (its config's data description)."""
-    from jaxvae.data.preprocess import PreprocessParams
-
-    return PreprocessParams(**(cfg.data or {}).get("preprocess", {}))
-
-
-def check_modality(path, trained, asked):
-    """Refuse an input named as another sequence than the run's, unless --modality says so."""
-    from jaxvae.data.datasets import modality_of, same_modality
-
-    named = modality_of(path)
-    if trained is None or named is None or same_modality(named, trained):
-        return
-    if asked is None or not same_modality(asked, named):
-        raise ConfigError(f"{path}: its name says {named}, the run was trained on {trained}; "
-                          f"pass --modality {named} to score it anyway")
 
 
 def _check_outputs(out_dir, names, overwrite):

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import operator
 
+from jaxvae.data.preprocess import PreprocessParams
 from jaxvae.errors import ConfigError
 from jaxvae.model import ConvVAE
 
@@ -159,6 +160,11 @@ def _from_dict(cls, d, what):
     if unknown:
         raise ConfigError(f"unknown {what} field(s) {unknown}; known: {sorted(known)}")
     return cls(**d)
+
+
+def preprocess_of(cfg: TrainConfig) -> PreprocessParams:
+    """The PreprocessParams a run was trained with (its data description; default if none)."""
+    return PreprocessParams(**(cfg.data or {}).get("preprocess", {}))
 
 
 def model_from_config(cfg: TrainConfig) -> ConvVAE:

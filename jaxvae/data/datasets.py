@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxvae.data import nifti, phantom
 from jaxvae.data.preprocess import PreprocessParams, SliceGeometry, preprocess_volume
-from jaxvae.errors import DataError
+from jaxvae.errors import ConfigError, DataError
 from jaxvae.io import atomic_path, confined
 
 # BraTS renamed its modalities over the years (2023: t1n, t1c, t2w, t2f).
@@ -60,6 +60,21 @@ def modality_of(path) -> str | None:
     stem = nifti.volume_stem(Path(path)).lower()
     return next((m for group in _MODALITY_GROUPS for m in group
                  if stem.endswith((f"_{m}", f"-{m}"))), None)
+
+
+def check_modality(path, trained, asked):
+    """Refuse an input named as another sequence than the run's, unless `asked` says so.
+
+    Args:
+      path: the input volume; trained: the run's modality (None: not checked); asked: the
+        user's --modality (None: not given).
+    """
+    named = modality_of(path)
+    if trained is None or named is None or same_modality(named, trained):
+        return
+    if asked is None or not same_modality(asked, named):
+        raise ConfigError(f"{path}: its name says {named}, the run was trained on {trained}; "
+                          f"pass --modality {named} to score it anyway")
 
 
 def _match(folder: Path, files: list[Path], names: tuple[str, ...], what: str) -> Path | None:

@@ -14,20 +14,15 @@ loss (ties: the earliest), both by orbax preservation policies (LatestN, BestN).
 checkpoint without a validation loss (no validation, Ctrl-C inside an epoch) is ranked by
 recency only.
 
-Everything that reads or writes these files is here (`check_run_dir`, `prepare_run_dir`,
-`RunDir`, `load_run`, `best_step`); a restore checks the stored shapes against the config's
-model, and an unreadable checkpoint is a RunError that names it. `load_run` loads the best
-checkpoint by validation loss by default (the latest one in a run without validation).
+The checks and reads are here (`check_run_dir`, `prepare_run_dir`, `load_run`,
+`best_step`), the writes of a training run in jaxvae.rundir (`RunDir`); a restore checks
+the stored shapes against the config's model, and an unreadable checkpoint is a RunError
+that names it. `load_run` loads the best checkpoint by validation loss by default (the
+latest one in a run without validation).
 """
 
-import contextlib
 import functools
-import gc
 import json
-import logging
-import shutil
-import sys
-import time
 from pathlib import Path
 
 import jax
@@ -37,6 +32,7 @@ from jaxvae.config import SCHEDULE_FIELDS, TrainConfig, model_from_config
 from jaxvae.errors import ConfigError, OutputError, RunError
 from jaxvae.io import write_text
 from jaxvae.model import ConvVAE, init_params
+from jaxvae.read_noise import read_or_fail
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -163,85 +159,8 @@ def abstract_params(model: ConvVAE):
     return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
 
 
-# A failed read waits for the reports of the reads still in flight until this long passes
-# without a new one.
-_QUIET_S = 0.2
-
-
-_UNRETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
-
-
-class _FailedReadNoise(contextlib.AbstractContextManager):
-    """Drops the noise of a failed checkpoint read, and only that, while the block runs.
-
-    After one read fails, orbax closes its asyncio loop while tensorstore's other reads are
-    still running; each then reports RuntimeError('Event loop is closed') as an unraisable
-    traceback on stderr, and asyncio logs "Task (or Future) exception was never retrieved"
-    (tensorstore's error inside) for the reads that failed too, when collected. Nothing
-    awaits those reads. On entry this installs an unraisable hook and an asyncio log filter
-    that drop exactly these reports and pass everything else on; on exit it puts the
-    previous hook back and removes the filter. `settle` keeps a failed read's late reports
-    inside the block.
-    """
-
-    def __init__(self):
-        self.dropped = 0
-
-    def _drop_closed_loop(self, unraisable):
-        e = unraisable.exc_value
-        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
-            self.dropped += 1
-        else:
-            self._previous(unraisable)
-
-    def filter(self, record) -> bool:
-        """logging filter: False (drop) for an unretrieved failed tensorstore read."""
-        msg = record.getMessage()
-        if msg.startswith(_UNRETRIEVED) and "tensorstore" in msg:
-            self.dropped += 1
-            return False
-        return True
-
-    def __enter__(self):
-        self._previous, self._hook = sys.unraisablehook, self._drop_closed_loop
-        sys.unraisablehook = self._hook
-        logging.getLogger("asyncio").addFilter(self)
-        return self
-
-    def settle(self) -> None:
-        """After a failed read: collect its tasks and wait until its reads stop reporting."""
-        seen = -1
-        while seen != self.dropped:
-            seen = self.dropped
-            gc.collect()  # the failed tasks log now, while the filter is installed
-            time.sleep(_QUIET_S)
-
-    def __exit__(self, *exc):
-        logging.getLogger("asyncio").removeFilter(self)
-        if sys.unraisablehook is self._hook:  # a hook installed meanwhile by others stays
-            sys.unraisablehook = self._previous
-        return False
-
-
-def _read(read, path: Path, what: str, hint=lambda: ""):
-    """`read()`, its failure (of any type: tensorstore, orbax, OS) a RunError naming path.
-
-    The RunError is raised without the original exception attached: its traceback holds
-    the failed read's tasks, which must be collected while their reports are dropped.
-    """
-    with _FailedReadNoise() as noise:
-        try:
-            return read()
-        except Exception as e:  # every error here means "unreadable"
-            msg = str(e).splitlines()[0] if str(e) else ""
-            error = RunError(f"{path}: cannot read {what} ({type(e).__name__}: {msg[:300]}); "
-                             f"it is truncated or corrupt{hint()}")
-        noise.settle()
-    raise error
-
-
 def _check_shapes(path: Path, mgr, step, expected, cfg):
-    stored = _read(lambda: mgr.item_metadata(step)["params"], path, "checkpoint metadata")
+    stored = read_or_fail(lambda: mgr.item_metadata(step)["params"], path, "checkpoint metadata")
     stored = getattr(stored, "tree", stored)
     got = {jax.tree_util.keystr(k): tuple(v.shape)
            for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
@@ -273,8 +192,8 @@ def _restore(mgr, step: int, cfg: TrainConfig, sharding, params, opt_state=None)
         older = [s for s in mgr.all_steps() if s < step]
         return f"; delete it to fall back to the checkpoint of step {max(older)}" if older else ""
 
-    out = _read(lambda: mgr.restore(step, args=ocp.args.Composite(**items)), path, "checkpoint",
-                hint)
+    out = read_or_fail(lambda: mgr.restore(step, args=ocp.args.Composite(**items)), path,
+                       "checkpoint", hint)
     meta = out["meta"]
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT or "step" not in meta:
         raise RunError(f"{path}: checkpoint has no valid jaxvae metadata")
@@ -289,8 +208,8 @@ def _restore(mgr, step: int, cfg: TrainConfig, sharding, params, opt_state=None)
 def _val_loss(mgr, step: int):
     """The validation loss stored in a checkpoint's meta, or None (none was computed)."""
     path = Path(mgr.directory) / str(step)
-    out = _read(lambda: mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())),
-                path, "checkpoint metadata")
+    meta_only = ocp.args.Composite(meta=ocp.args.JsonRestore())
+    out = read_or_fail(lambda: mgr.restore(step, args=meta_only), path, "checkpoint metadata")
     meta = out["meta"]
     return meta.get("val_loss") if isinstance(meta, dict) else None
 
@@ -378,133 +297,3 @@ def load_run(run_dir, which="best", *, with_info: bool = False):
     if with_info:
         return model, params, cfg, {"step": step, "val_loss": val_loss, "which": which}
     return model, params, cfg
-
-
-# --------------------------------------------------------------------------- a training run
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
-class RunDir:
-    """The files of a training run (or nothing, for run_dir=None).
-
-    Every process opens it and joins the orbax saves; only process 0 writes config.json
-    and metrics.jsonl.
-
-    Args:
-      run_dir: absolute path of the run directory (checked by `prepare_run_dir`), or None.
-      cfg: the run's TrainConfig.
-      data_meta: JSON description of the training and validation data (image count, batch
-        size, fingerprints...), stored in every checkpoint; a restore refuses other data.
-      validated: the run computes validation losses (passed to `save`), which rank the
-        checkpoints for retention.
-    """
-
-    def __init__(self, run_dir: Path | None, cfg: TrainConfig, data_meta: dict, *,
-                 validated: bool = False):
-        self.dir, self.cfg, self.data_meta, self.validated = run_dir, cfg, data_meta, validated
-        self.main = jax.process_index() == 0
-        self.ckpt_dir = None if run_dir is None else run_dir / CHECKPOINT_DIR
-        self.mgr = None
-
-    def open(self, *, overwrite: bool, restore: bool) -> int | None:
-        """Write config.json and open the checkpoints; return the step to resume from.
-
-        Args:
-          overwrite, restore: as given to / returned by `prepare_run_dir`.
-
-        Returns:
-          the latest checkpointed step when `restore` and there is one, else None.
-        """
-        if self.dir is None:
-            return None
-        _sync("jaxvae-train-checked")  # every process checked run_dir before any writes
-        if self.main:
-            if overwrite and not restore:
-                for name in (CONFIG_FILE, METRICS_FILE):
-                    (self.dir / name).unlink(missing_ok=True)
-                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
-            write_text(self.dir / CONFIG_FILE, self.cfg.to_json(), overwrite=True)
-        _sync("jaxvae-train-prepared")
-        self.mgr = _manager(self.ckpt_dir, self.cfg.keep_checkpoints, create=True,
-                            validated=self.validated)
-        steps = _steps(self.ckpt_dir)
-        return steps[-1] if restore and steps else None
-
-    def restore(self, step: int, abstract_state, sharding):
-        """(params, opt_state, meta) of a checkpointed step of this run, on `sharding`.
-
-        Args:
-          step: a step returned by `open`.
-          abstract_state: (params, opt_state) shapes and dtypes of a fresh run.
-          sharding: where the restored arrays go.
-
-        Raises:
-          RunError: unreadable checkpoint, another model, or other training data.
-        """
-        params, opt_state, meta = _restore(self.mgr, step, self.cfg, sharding, *abstract_state)
-        diff = [k for k, v in self.data_meta.items() if meta.get(k) != v]
-        if diff:
-            what = ", ".join(f"{k}: {meta.get(k)} -> {self.data_meta[k]}" for k in diff)
-            raise RunError(f"{self.ckpt_dir / str(step)}: the checkpoint was trained on "
-                           f"other data ({what}); resume needs the same training images, "
-                           f"batch size and validation images")
-        return params, opt_state, meta
-
-    def history(self, step: int, steps_per_epoch: int, *, rewrite: bool) -> list[dict]:
-        """metrics.jsonl up to a checkpointed step; rewrite drops the lines after it.
-
-        Args:
-          step: the global step of the checkpoint resumed from (0 for a fresh run).
-          steps_per_epoch: optimiser steps per epoch.
-          rewrite: rewrite metrics.jsonl with the lines kept.
-
-        Returns:
-          the lines of the epochs finished by `step`, then the partial line ending at
-          `step` when training stopped there inside an epoch (max_steps).
-        """
-        if self.dir is None:
-            return []
-        history = _read_metrics(self.dir / METRICS_FILE, step // steps_per_epoch, step)
-        if rewrite:
-            self.write_metrics(history)
-        return history
-
-    def write_metrics(self, history: list[dict]) -> None:
-        if self.dir is not None and self.main:
-            _write_metrics(self.dir / METRICS_FILE, history)
-
-    def save(self, step: int, params, opt_state, *, partial=None, interrupted=False,
-             val_loss: float | None = None) -> None:
-        """Checkpoint a step (no-op without run_dir or if that step is already saved).
-
-        Args:
-          step: global optimiser step.
-          params, opt_state: the state after that step.
-          partial: running sums of an epoch cut at this step (resume continues them).
-          interrupted: saved because of Ctrl-C.
-          val_loss: validation loss of these params, stored in meta and ranked for
-            retention (None: not computed; the checkpoint is kept by recency only).
-        """
-        if self.mgr is None or step in self.mgr.all_steps():
-            return
-        meta = {"format": _FORMAT, "step": step, **self.data_meta, "partial": partial,
-                "interrupted": interrupted, "val_loss": val_loss, "config": self.cfg.to_dict()}
-        metrics = None if val_loss is None else {"val_loss": float(val_loss), "step": step}
-        self.mgr.save(step, force=True, metrics=metrics, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta)))
-
-    def last_good(self) -> str:
-        steps = _steps(self.ckpt_dir) if self.ckpt_dir is not None else []
-        if not steps:
-            return "no checkpoint was written yet"
-        return f"last good checkpoint kept at {self.ckpt_dir / str(steps[-1])}"
-
-    def close(self) -> None:
-        if self.mgr is not None:
-            self.mgr.close()

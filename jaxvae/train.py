@@ -48,10 +48,11 @@ import optax
 
 from jaxvae import execution, losses, parallel
 from jaxvae.augment import augment_images
-from jaxvae.checkpoint import RunDir, prepare_run_dir
+from jaxvae.checkpoint import prepare_run_dir
 from jaxvae.config import AugmentConfig, TrainConfig, model_from_config
 from jaxvae.errors import ConfigError, DataError, RunError
 from jaxvae.model import ConvVAE, init_params
+from jaxvae.rundir import RunDir
 from jaxvae.validation import (  # noqa: F401 (re-exported)
     LOSS_CURVE_FILE,
     stop_reason,

@@ -14,10 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxvae import checkpoint
-from jaxvae.checkpoint import RunDir, load_run
+from jaxvae import checkpoint, read_noise
+from jaxvae.checkpoint import load_run
 from jaxvae.config import TrainConfig
 from jaxvae.errors import RunError
+from jaxvae.rundir import RunDir
 from jaxvae.train import init_state
 
 CFG = TrainConfig(latent_dim=8, channels=(4, 4, 4, 4), batch_size=16, lr=1e-3, epochs=1)
@@ -101,7 +102,7 @@ def test_truncated_checkpoint_is_a_run_error_and_the_hooks_are_restored(tmp_path
 
 def test_only_failed_read_reports_are_dropped_inside_the_block(recorded, caplog):
     log = logging.getLogger("asyncio")
-    with checkpoint._FailedReadNoise() as noise:
+    with read_noise.FailedReadNoise() as noise:
         report_unraisable(RuntimeError(CLOSED))
         report_unraisable(RuntimeError("another error"))
         report_unraisable(ValueError(CLOSED))
@@ -123,7 +124,7 @@ def test_a_hook_installed_inside_the_block_is_left_in_place(recorded):
     def mine(unraisable):
         pass
 
-    with checkpoint._FailedReadNoise():
+    with read_noise.FailedReadNoise():
         sys.unraisablehook = mine
     assert sys.unraisablehook is mine
 
@@ -147,7 +148,7 @@ def test_a_failed_read_keeps_its_late_reports_inside_the_block(recorded, caplog)
     before = hooks()
     with pytest.raises(RunError, match=r"^f: cannot read x \(RuntimeError: read failed "
                                        r"\(True\)\); it is truncated or corrupt!$"):
-        checkpoint._read(read, "f", "x", lambda: "!")
+        read_noise.read_or_fail(read, "f", "x", lambda: "!")
     gc.collect()
     assert hooks() == before
     assert recorded == []

@@ -32,12 +32,8 @@ epoch and replaces the line). A checkpoint is saved where training stops, the la
 says why ("stop"), and loss.png shows the train and validation loss against the step.
 """
 
-import contextlib
 import functools
-import hashlib
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -50,7 +46,15 @@ from jaxvae import execution, losses, parallel
 from jaxvae.augment import augment_images
 from jaxvae.checkpoint import prepare_run_dir
 from jaxvae.config import AugmentConfig, TrainConfig, model_from_config
-from jaxvae.errors import ConfigError, DataError, RunError
+from jaxvae.errors import ConfigError, RunError
+from jaxvae.loop import (
+    EpochSums,
+    NonFinite,
+    SigintFlag,
+    check_images,
+    check_val_images,
+    fingerprint,
+)
 from jaxvae.model import ConvVAE, init_params
 from jaxvae.rundir import RunDir
 from jaxvae.validation import (  # noqa: F401 (re-exported)
@@ -200,124 +204,6 @@ def init_state(cfg: TrainConfig):
 # --------------------------------------------------------------------------- the loop
 
 
-def _fingerprint(images: np.ndarray, what: str = "training") -> str:
-    """Check the images are finite and hash them (resume refuses different data)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr(images.shape).encode())
-    chunk = 1024
-    for start in range(0, images.shape[0], chunk):
-        block = np.ascontiguousarray(images[start:start + chunk])
-        bad = ~np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)
-        if bad.any():
-            raise DataError(f"{what} image {start + int(np.argmax(bad))} contains NaN or Inf")
-        h.update(memoryview(block).cast("B"))
-    return h.hexdigest()
-
-
-def _check_images(images, cfg: TrainConfig, n_devices: int) -> np.ndarray:
-    if not isinstance(images, np.ndarray) or images.ndim != 3 or images.shape[1:] != (64, 64):
-        shape = getattr(images, "shape", None)
-        raise DataError(f"training images must be a (N, 64, 64) numpy array, got {shape}")
-    if images.dtype != np.float32:
-        images = images.astype(np.float32)
-    if images.shape[0] < cfg.batch_size:
-        raise ConfigError(f"{images.shape[0]} training images are fewer than one batch "
-                          f"(batch_size={cfg.batch_size})")
-    parallel.check_batch_size(cfg.batch_size, n_devices)
-    return images
-
-
-def _check_val_images(val_images) -> np.ndarray | None:
-    """The validation slices as float32, or None for none (None or 0 images)."""
-    if val_images is None:
-        return None
-    if not isinstance(val_images, np.ndarray) or val_images.ndim != 3 or \
-            val_images.shape[1:] != (64, 64):
-        shape = getattr(val_images, "shape", None)
-        raise DataError(f"validation images must be a (M, 64, 64) numpy array, got {shape}")
-    if val_images.shape[0] == 0:
-        return None
-    return val_images.astype(np.float32, copy=False)
-
-
-class _SigintFlag(contextlib.AbstractContextManager):
-    """Turn the first Ctrl-C into a flag checked between steps; a second one interrupts."""
-
-    def __init__(self, enabled: bool):
-        self.set = False
-        self._prev = None
-        self._enabled = enabled and threading.current_thread() is threading.main_thread()
-
-    def _handler(self, signum, frame):
-        self.set = True
-        signal.signal(signal.SIGINT, self._prev or signal.default_int_handler)
-
-    def __enter__(self):
-        if self._enabled:
-            self._prev = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._enabled and self._prev is not None:
-            signal.signal(signal.SIGINT, self._prev)
-        return False
-
-
-class _NonFinite(Exception):
-    pass
-
-
-class _Epoch:
-    """Running sums of one epoch's step metrics, fetched one step behind the device.
-
-    Reading step k's metrics after dispatching step k+1 keeps the device busy while the
-    host checks them (NaN guard) and updates the progress bar.
-    """
-
-    def __init__(self, epoch: int, spe: int, batch_size: int, partial: dict | None, bar):
-        self.epoch, self.spe, self.batch_size, self.bar = epoch, spe, batch_size, bar
-        self.sums = dict(partial or {"loss": 0.0, "rec": 0.0, "kl": 0.0, "steps": 0,
-                                     "seconds": 0.0})
-        self.pending = None
-        self.t0 = time.perf_counter()
-
-    def push(self, step: int, metrics) -> None:
-        self.flush()
-        self.pending = (step, metrics)
-
-    def flush(self) -> None:
-        if self.pending is None:
-            return
-        step, metrics = self.pending
-        self.pending = None
-        vals = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(v) for v in vals.values()):
-            raise _NonFinite(f"non-finite loss ({vals}) at epoch {self.epoch + 1} (batch "
-                             f"{step - self.epoch * self.spe + 1} of {self.spe}), global step "
-                             f"{step}")
-        for k, v in vals.items():
-            self.sums[k] += v
-        self.sums["steps"] += 1
-        if self.bar is not None:
-            self.bar.set_postfix(epoch=self.epoch + 1, loss=f"{vals['loss']:.1f}", refresh=False)
-            self.bar.update(self.batch_size)
-
-    def finish(self) -> dict:
-        """Flush, add this session's time; return the sums (a checkpoint's `partial`)."""
-        self.flush()
-        self.sums["seconds"] += time.perf_counter() - self.t0
-        self.t0 = time.perf_counter()
-        return dict(self.sums)
-
-    def record(self, step: int) -> dict:
-        """The metrics.jsonl line of the finished epoch."""
-        s, k = self.sums, self.sums["steps"]
-        return {"epoch": self.epoch + 1, "step": step,
-                **{m: s[m] / k for m in ("loss", "rec", "kl")},
-                "seconds": round(s["seconds"], 4),
-                "images_per_s": round(k * self.batch_size / max(s["seconds"], 1e-9), 1)}
-
-
 def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool = False,
           progress: bool = True, overwrite: bool = False, mesh=None,
           policy: execution.ExecutionPolicy | None = None, val_images: np.ndarray | None = None):
@@ -365,8 +251,8 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
         cfg, restore = prepare_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
     elif cfg is None:
         raise ConfigError("train needs a TrainConfig when run_dir is None")
-    images = _check_images(images, cfg, mesh.size)
-    val_images = _check_val_images(val_images)
+    images = check_images(images, cfg, mesh.size)
+    val_images = check_val_images(val_images)
     if cfg.patience and val_images is None:
         raise ConfigError(f"patience={cfg.patience} stops on the validation loss, but no "
                           f"validation images were given; pass val_images or set patience=0")
@@ -375,8 +261,8 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
     limit = cfg.epochs * spe if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * spe)
     run = RunDir(run_dir, cfg, {
         "n_images": n, "batch_size": bsz, "steps_per_epoch": spe,
-        "fingerprint": _fingerprint(images),
-        "val_fingerprint": None if val_images is None else _fingerprint(val_images,
+        "fingerprint": fingerprint(images),
+        "val_fingerprint": None if val_images is None else fingerprint(val_images,
                                                                          "validation")},
                  validated=val_images is not None)
     step_fn = train_step_for(cfg, mesh, policy)
@@ -416,13 +302,13 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
                            dynamic_ncols=True,
                            desc=f"train (compiled in {time.perf_counter() - t0:.1f}s)")
 
-        with _SigintFlag(enabled=jax.process_count() == 1) as sigint:
+        with SigintFlag(enabled=jax.process_count() == 1) as sigint:
             while reason is None:
                 epoch = step // spe
                 end = min((epoch + 1) * spe, limit)  # max_steps may cut the epoch
                 perm = epoch_permutation(cfg.seed, epoch, n)
                 keys = step_keys(base_key, epoch * spe, spe)
-                acc = _Epoch(epoch, spe, bsz, partial, bar)
+                acc = EpochSums(epoch, spe, bsz, partial, bar)
                 partial = None
                 for i in range(step - epoch * spe, end - epoch * spe):
                     batch = parallel.shard_batch(images[perm[i * bsz:(i + 1) * bsz][rows]],
@@ -446,7 +332,7 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
                     record.update(validation_loss(val_fn, params, val_images, val_eps, mesh,
                                                   bsz))
                     if not math.isfinite(record["val_loss"]):
-                        raise _NonFinite(f"non-finite validation loss ({record['val_loss']}) "
+                        raise NonFinite(f"non-finite validation loss ({record['val_loss']}) "
                                          f"after epoch {epoch + 1}, global step {step}")
                 new_best = _is_new_best(history, record)
                 history.append(record)
@@ -468,7 +354,7 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
         run.save(step, params, opt_state)  # no-op when saved above: still a loadable run
         if run.dir is not None and run.main:
             write_loss_curve(run.dir / LOSS_CURVE_FILE, history)
-    except _NonFinite as e:
+    except NonFinite as e:
         raise RunError(f"{run_dir or 'train'}: {e}; {run.last_good()}. Lower the learning "
                        f"rate or check the data") from None
     finally:

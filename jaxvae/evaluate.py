@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from jaxvae.calibration import Calibration, _ensemble_map, _rows_of, calibrate
 from jaxvae.case_metrics import MapsAccumulator
+from jaxvae.detection import SliceScores
 from jaxvae.errors import ConfigError
 from jaxvae.predictors import (
     PREDICTORS,
@@ -165,9 +166,9 @@ def score_dataset(model, params, slices, *, val=None, beta=1.0, settings=EvalSet
         return _map_batches(model, params, images, beta=beta, settings=settings,
                             progress=progress)
 
-    pixels, kept = _accumulate(batches, names, slices, cal, settings=settings, keep=keep,
-                               progress=progress)
-    return _results(pixels, [slices], [cal], beta=beta, settings=settings), kept
+    pixels, detect, kept = _accumulate(batches, names, slices, cal, settings=settings,
+                                       keep=keep, progress=progress)
+    return _results(pixels, detect, [slices], [cal], beta=beta, settings=settings), kept
 
 
 def score_folds(folds, *, settings=EvalSettings(), progress=False):
@@ -184,7 +185,7 @@ def score_folds(folds, *, settings=EvalSettings(), progress=False):
       over all cases).
     """
     names = check_predictors(settings.predictors, KNOWN_PREDICTORS)
-    per_fold, merged = [], None
+    per_fold, merged, detected = [], None, None
     for model, params, beta, test, val in folds:
         cal = Calibration()
         if val is not None and len(val):
@@ -195,12 +196,13 @@ def score_folds(folds, *, settings=EvalSettings(), progress=False):
             return _map_batches(model, params, np.asarray(test.images, np.float32), beta=beta,
                                 settings=settings, progress=progress)
 
-        pixels, _ = _accumulate(batches, names, test, cal, settings=settings, keep=(),
-                                progress=progress)
-        per_fold.append(_results(pixels, [test], [cal], beta=beta, settings=settings))
+        pixels, detect, _ = _accumulate(batches, names, test, cal, settings=settings,
+                                        keep=(), progress=progress)
+        per_fold.append(_results(pixels, detect, [test], [cal], beta=beta, settings=settings))
         merged = pixels if merged is None else merged.merge(pixels)
-    pooled = _results(merged, [f[3] for f in folds], [r["calibration"] for r in per_fold],
-                      beta=folds[0][2], settings=settings)
+        detected = detect if detected is None else detected.merge(detect)
+    pooled = _results(merged, detected, [f[3] for f in folds],
+                      [r["calibration"] for r in per_fold], beta=folds[0][2], settings=settings)
     return per_fold, pooled
 
 
@@ -227,10 +229,49 @@ def score_maps(maps, slices, *, val_maps=None, val=None, beta=1.0, settings=Eval
         for idx, n in score.batches(len(slices.images), settings.batch_size):
             yield idx[:n], {k: np.asarray(maps[k][idx[:n]], np.float32) for k in names}
 
-    pixels, rows = _accumulate(batches, names, slices, cal, settings=settings,
-                               keep_names=lambda k: k not in names)
+    pixels, detect, rows = _accumulate(batches, names, slices, cal, settings=settings,
+                                       keep_names=lambda k: k not in names)
     maps.update(rows)
-    return _results(pixels, [slices], [cal], beta=beta, settings=settings)
+    return _results(pixels, detect, [slices], [cal], beta=beta, settings=settings)
+
+
+def overlay_slices(slices, n: int = 3) -> list[tuple[int, str]]:
+    """Slices worth drawing: the largest, median and smallest lesion among the test cases.
+
+    The cases with a lesion are ranked by their total lesion volume (lesion pixels over all
+    their slices); n distinct cases evenly spread over that ranking are taken (n = 3: the
+    largest, the median, the smallest; fewer when fewer cases have a lesion), and of each
+    the slice with the most lesion pixels (the first of ties). Pass the indices as `keep=`
+    to `score_dataset` to get every row's maps of these slices.
+
+    Args:
+      slices: a SliceSet (test slices).
+      n: how many slices (cases) at most.
+
+    Returns:
+      [(index into slices, label)], largest lesion first, a label reading e.g.
+      "largest lesion (BraTS_x, 1234 px)" (px: the case's total lesion pixels).
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n must be an int >= 1, got {n!r}")
+    per_slice = np.asarray(slices.lesion).reshape(len(slices), -1).sum(1)
+    ids = np.asarray(slices.case_ids).astype(str)
+    cases, inv = np.unique(ids, return_inverse=True)
+    volume = np.bincount(inv, weights=per_slice, minlength=len(cases)).astype(np.int64)
+    ranked = sorted((c for c in range(len(cases)) if volume[c]),
+                    key=lambda c: (-volume[c], cases[c]))
+    k = len(ranked)
+    picks = np.unique(np.round(np.linspace(0, k - 1, min(n, k))).astype(int)) if k else []
+    out = []
+    for i, p in enumerate(picks):
+        c = ranked[p]
+        where = np.flatnonzero(inv == c)
+        label = ("largest lesion" if i == 0 else "smallest lesion" if i == len(picks) - 1
+                 else "median lesion" if len(picks) % 2 and i == len(picks) // 2
+                 else f"lesion {p + 1} of {k} by size")
+        out.append((int(where[np.argmax(per_slice[where])]),
+                    f"{label} ({cases[c]}, {volume[c]} px)"))
+    return out
 
 
 def _accumulate(batches, names, slices, cal, *, settings, keep=None, keep_names=None,
@@ -246,7 +287,8 @@ def _accumulate(batches, names, slices, cal, *, settings, keep=None, keep_names=
         the row names to return (None: all).
 
     Returns:
-      (the MapsAccumulator of every row, {row: kept maps}).
+      (the MapsAccumulator of every row, their per-slice detection scores (SliceScores),
+      {row: kept maps}).
     """
     images, lesion, brain = slices.images, slices.lesion, slices.brain
     case_ids = np.asarray(slices.case_ids).astype(str)
@@ -256,6 +298,7 @@ def _accumulate(batches, names, slices, cal, *, settings, keep=None, keep_names=
     rows += list(cal.ensembles)
     pixels = MapsAccumulator(rows, case_ids,
                              thresholds={k: t for k, t in cal.thresholds.items() if k in rows})
+    detect = SliceScores(rows, lesion, case_ids)
     keep = np.arange(len(images)) if keep is None else np.asarray(keep)
     if keep.dtype == bool:
         if keep.shape != (len(images),):
@@ -275,16 +318,20 @@ def _accumulate(batches, names, slices, cal, *, settings, keep=None, keep_names=
         for name, e in cal.ensembles.items():
             maps[name] = _ensemble_map(e, maps, brain[r])
         pixels.update(r, maps, lesion[r], brain[r])
+        detect.update(r, maps, brain[r])
         k = pos[r]
         for name, out in kept.items():
             out[k[k >= 0]] = maps[name][k >= 0]
 
-    return pixels, kept
+    return pixels, detect, kept
 
 
-def _results(pixels, parts, cals, *, beta, settings) -> dict:
-    """The results dict of an accumulator fed with the SliceSets `parts`, calibrated by
-    `cals` (Calibrations or their JSON: one, or one per fold)."""
+def _results(pixels, detect, parts, cals, *, beta, settings) -> dict:
+    """The results dict of an accumulator (and the SliceScores `detect`) fed with the
+    SliceSets `parts`, calibrated by `cals` (Calibrations or their JSON: one, or one per
+    fold). Beside the pixel metrics: "detection" (jaxvae.detection: slice- and case-level
+    AUROC / AP) and "curves" ({row: `Accumulator.curves()`}: ROC and PR over all pixels,
+    the region of "auroc")."""
     scored = pixels.result(n_boot=settings.n_boot, seed=settings.seed)
     cals = [c.to_json() if isinstance(c, Calibration) else c for c in cals]
     return {"n_cases": int(sum(len(p.cases) for p in parts)),
@@ -295,4 +342,6 @@ def _results(pixels, parts, cals, *, beta, settings) -> dict:
                                                            "method": cals[0]["method"]},
             "predictors": {name: {**r["pooled"], "per_case": r["per_case_summary"]}
                            for name, r in scored.items()},
-            "per_case": {name: r["per_case"] for name, r in scored.items()}}
+            "per_case": {name: r["per_case"] for name, r in scored.items()},
+            "detection": detect.result(),
+            "curves": {name: acc.curves() for name, acc in pixels.pooled.items()}}

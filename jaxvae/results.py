@@ -58,6 +58,32 @@ def results_table(results, paper=None) -> str:
     return markdown_table(header, lines)
 
 
+def detection_table(results) -> str:
+    """Markdown of the sample-wise detection metrics (`results["detection"]`, if any).
+
+    A line per level saying how a sample is scored, its positives / negatives (or why
+    it is undefined), then one row per map: slice AUROC / AP, volume AUROC / AP.
+    """
+    det = results.get("detection")
+    if not det:
+        return ""
+    levels = (("slice", "slice"), ("volume", "volume (case)"))
+    lines = []
+    for key, name in levels:
+        d = det[key]
+        excl = f", {d['n_excluded']} without brain left out" if d.get("n_excluded") else ""
+        lines.append(f"- {name}: score = {d['score']}; {d['n_pos']} with lesion, "
+                     f"{d['n_neg']} without{excl}" + (f" ({d['note']})" if "note" in d else ""))
+    names = sorted({n for key, _ in levels for n in det[key]["rows"]}, key=row_order)
+    rows = [[f"{n} (baseline)" if n == "intensity" else n,
+             *(_fmt(det[key]["rows"].get(n, {}).get(m)) for key, _ in levels
+               for m in ("auroc", "ap"))] for n in names]
+    table = markdown_table(["predictor", "slice AUROC", "slice AP", "volume AUROC",
+                            "volume AP"], rows) if rows else ""
+    return ("Detection (is there a lesion in the slice / the case?), AUROC and average "
+            "precision:\n\n" + "\n".join(lines) + "\n\n" + table)
+
+
 PER_CASE_COLUMNS = ("auroc", "auroc_brain", "auprc", "dice_val", "dice_best", "lesion_pixels",
                     "frac_above")
 
@@ -97,6 +123,8 @@ def write_results(results, out_dir, *, overwrite=False, paper=None, title="jaxva
 
     out_dir = Path(out_dir)
     md = f"# {title}\n\n{describe(results)}\n\n" + results_table(results, paper)
+    if results.get("detection"):
+        md += "\n" + detection_table(results)
     files = {"results.json": json.dumps(results, indent=1, default=_json_default),
              "results.md": md, "per_case.csv": per_case_csv(results)}
     with all_or_nothing([out_dir / f for f in files]):

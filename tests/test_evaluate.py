@@ -13,11 +13,12 @@ from jaxvae.errors import OutputError
 from jaxvae.evaluate import (
     EvalSettings,
     compute_maps,
+    overlay_slices,
     score_dataset,
     score_folds,
     score_maps,
 )
-from jaxvae.results import results_table, write_results
+from jaxvae.results import detection_table, results_table, write_results
 
 
 @pytest.fixture(scope="module")
@@ -251,9 +252,81 @@ def test_folds_pooled_over_their_own_models_and_thresholds():
     lesion = np.concatenate([t.lesion for t in tests])
     direct = pixel_metrics(np.concatenate(maps), lesion, np.concatenate([t.brain for t in tests]))
     assert pooled["predictors"]["kl_grad"]["auroc"] == direct["auroc"]
+    from jaxvae.detection import SliceScores
+    from jaxvae.metrics import Accumulator
+
+    acc = Accumulator().update(np.concatenate(maps), lesion)
+    assert pooled["curves"]["kl_grad"] == acc.curves()  # of the merged counts
+    ids = np.concatenate([t.case_ids for t in tests])
+    want = SliceScores(["kl_grad"], lesion, ids).update(
+        np.arange(len(ids)), {"kl_grad": np.concatenate(maps)},
+        np.concatenate([t.brain for t in tests])).result()  # each fold's maps, its own model
+    got = pooled["detection"]
+    assert got["slice"]["rows"]["kl_grad"] == want["slice"]["rows"]["kl_grad"]
+    assert got["volume"]["rows"] == {} and "every test case" in got["volume"]["note"]
+    assert pooled["detection"]["slice"]["n_pos"] == sum(r["detection"]["slice"]["n_pos"]
+                                                        for r in per_fold)
     calls = np.concatenate([m >= r["calibration"]["thresholds"]["kl_grad"]
                             for m, r in zip(maps, per_fold, strict=True)])
     tp = (calls & lesion).sum()
     assert pooled["predictors"]["kl_grad"]["dice_val"] == pytest.approx(
         2 * tp / (calls.sum() + lesion.sum()))
     assert set(pooled["per_case"]["kl_grad"]) == {f"case{i}" for i in range(5)}
+
+
+def test_results_carry_curves_and_both_detection_levels(tmp_path):
+    s = _phantom_like()
+    healthy = np.isin(s.case_ids, ["case2", "case5"])
+    s = dataclasses.replace(s, lesion=s.lesion & ~healthy[:, None, None])
+    rng = np.random.default_rng(4)
+    maps = {"rec_error": s.images + 0.1 * rng.random(s.images.shape).astype(np.float32),
+            "kl_grad": rng.random(s.images.shape).astype(np.float32)}
+    res = score_maps(maps, s, settings=EvalSettings(n_boot=0, ensemble=False))
+    assert set(res["curves"]) == set(res["predictors"]) == {"rec_error", "kl_grad", "intensity"}
+    for name, c in res["curves"].items():
+        assert 2 < len(c["fpr"]) <= 256 and c["fpr"][-1] == c["tpr"][-1] == 1.0
+        assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(res["predictors"][name]["auroc"],
+                                                                 abs=1e-3)
+    det = res["detection"]
+    pos = s.lesion.any((1, 2))
+    assert (det["slice"]["n_pos"], det["slice"]["n_neg"]) == (pos.sum(), (~pos).sum())
+    assert (det["volume"]["n_pos"], det["volume"]["n_neg"]) == (4, 2)
+    from sklearn.metrics import roc_auc_score
+
+    from jaxvae.detection import slice_scores
+
+    for name in ("rec_error", "kl_grad"):
+        want = roc_auc_score(pos, slice_scores(maps[name], s.brain))
+        assert det["slice"]["rows"][name]["auroc"] == pytest.approx(want, abs=1e-12)
+        assert set(det["volume"]["rows"][name]) == {"auroc", "ap"}
+    assert det["slice"]["rows"]["rec_error"]["auroc"] > det["slice"]["rows"]["kl_grad"]["auroc"]
+    md = write_results(res, tmp_path)
+    assert "volume (case): score = max over the case's slices" in md
+    assert "| rec_error |" in detection_table(res) and "2 without" in detection_table(res)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["detection"] == json.loads(json.dumps(det))
+    # every test case with a lesion: the volume level says so instead of a NaN
+    only_sick = score_maps({"rec_error": maps["rec_error"]}, s.for_cases(["case0", "case1"]),
+                           settings=EvalSettings(n_boot=0, ensemble=False))
+    vol = only_sick["detection"]["volume"]
+    assert vol["rows"] == {} and vol["note"] == "undefined: every test case has a lesion"
+    assert "every test case has a lesion" in detection_table(only_sick)
+
+
+def test_overlay_slices_largest_median_smallest_lesion():
+    s = _phantom_like()
+    s = dataclasses.replace(s, lesion=s.lesion & (s.case_ids != "case4")[:, None, None])
+    per_slice = s.lesion.sum((1, 2))
+    volume = {c: int(per_slice[s.case_ids == c].sum()) for c in s.cases}
+    ranked = sorted((c for c in s.cases if volume[c]), key=lambda c: -volume[c])
+    assert len(ranked) == 5 and len(set(volume.values())) == 6  # no ties in this data
+    got = overlay_slices(s)
+    assert [label.split(" (")[0] for _, label in got] == ["largest lesion", "median lesion",
+                                                          "smallest lesion"]
+    for (i, label), case in zip(got, [ranked[0], ranked[2], ranked[4]], strict=True):
+        assert s.case_ids[i] == case and label.endswith(f"({case}, {volume[case]} px)")
+        assert per_slice[i] == per_slice[s.case_ids == case].max()
+    two = overlay_slices(s.for_cases([ranked[0], ranked[4], "case4"]))
+    assert [label.split(" (")[0] for _, label in two] == ["largest lesion", "smallest lesion"]
+    assert overlay_slices(s.for_cases(["case4"])) == []
+    assert len(overlay_slices(s, n=1)) == 1 and len(overlay_slices(s, n=9)) == 5

@@ -518,3 +518,75 @@ def test_merged_accumulators_of_disjoint_cases_equal_one():
     assert got["dice_val"] != whole.result()["m"]["pooled"]["dice_val"]
     with pytest.raises(ConfigError, match="not among"):
         evaluate_maps(maps, lesion, brain, ids, thresholds={"x": 1.0})
+
+
+# ---- ROC / PR curves from the counts --------------------------------------------------------
+
+def test_curves_equal_sklearn_when_every_score_has_its_own_bin():
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    rng = np.random.default_rng(11)
+    s = rng.integers(0, 40, 3000).astype(np.float32)  # small integers: one bin each
+    y = rng.random(s.size) < 0.1 + 0.02 * s  # higher scores, more lesions
+    c = Accumulator().update(s, y).curves(max_points=1000)
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)  # (0, 0) then scores descending
+    np.testing.assert_allclose(c["fpr"], fpr, atol=1e-12)
+    np.testing.assert_allclose(c["tpr"], tpr, atol=1e-12)
+    assert c["recall"] == c["tpr"]
+    prec, rec, pthr = precision_recall_curve(y, s)  # thresholds ascending
+    at = {float(t): p for t, p in zip(pthr, prec[:-1], strict=True)}
+    for t, p in zip(thr[1:], c["precision"][1:], strict=True):  # the same thresholds
+        if float(t) in at:
+            assert p == pytest.approx(at[float(t)], abs=1e-12)
+    assert c["precision"][0] == 1.0 and len(at) > 30
+    # the area under the full curve is the row's AUROC, and sklearn's
+    assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["lognormal", "rounded"])
+def test_downsampled_curves_keep_ends_order_and_area(kind):
+    from sklearn.metrics import precision_recall_curve
+
+    rng = np.random.default_rng(12)
+    s, y = skewed(rng, 200_000, kind)
+    acc = Accumulator().update(s, y)
+    c = acc.curves()  # default: at most 256 points
+    n = len(c["fpr"])
+    assert 100 < n <= 256 and all(len(v) == n for v in c.values())
+    assert (c["fpr"][0], c["tpr"][0], c["fpr"][-1], c["tpr"][-1]) == (0.0, 0.0, 1.0, 1.0)
+    for key in ("fpr", "tpr", "recall"):
+        assert np.all(np.diff(c[key]) >= 0), key
+    assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(acc.result()["auroc"], abs=1e-3)
+    assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(roc_auc_score(y, s), abs=1e-3)
+    # a bin's lower edge flags what its lowest score flags: every point, thinned or not, is
+    # one of sklearn's (at that score), ROC and PR alike
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    prec, rec, _ = precision_recall_curve(y, s)
+    roc_points = set(zip(np.round(fpr, 12), np.round(tpr, 12), strict=True))
+    pr_points = set(zip(np.round(rec, 12), np.round(prec, 12), strict=True))
+    assert all((round(f, 12), round(t, 12)) in roc_points
+               for f, t in zip(c["fpr"], c["tpr"], strict=True))
+    assert all((round(r, 12), round(p, 12)) in pr_points
+               for r, p in zip(c["recall"], c["precision"], strict=True))
+    small = acc.curves(max_points=5)
+    assert len(small["fpr"]) <= 5 and small["fpr"][-1] == 1.0 and small["tpr"][0] == 0.0
+
+
+def test_curves_of_the_brain_region_and_undefined_curves():
+    rng = np.random.default_rng(13)
+    s, y = skewed(rng, 50_000, "rounded")
+    brain = rng.random(s.size) < 0.4
+    brain[y] = True
+    acc = Accumulator().update(s, y, brain)
+    c = acc.curves(brain=True)
+    area = np.trapezoid(c["tpr"], c["fpr"])
+    assert area == pytest.approx(acc.result()["auroc_brain"], abs=1e-3)
+    assert area != pytest.approx(acc.result()["auroc"], abs=1e-3)
+    healthy = Accumulator().update(s, np.zeros(s.size, bool)).curves()
+    assert healthy == {"fpr": [], "tpr": [], "recall": [], "precision": []}
+    with pytest.raises(ConfigError, match="max_points"):
+        acc.curves(max_points=1)
+    with pytest.raises(ConfigError, match="brain mask"):
+        Accumulator().update(s, y).curves(brain=True)

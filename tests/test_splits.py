@@ -29,12 +29,39 @@ def test_split_healthy_cohort_trains_and_lesion_cases_test():
     healthy, sick = {f"c{i}" for i in range(10)}, {f"c{i}" for i in range(10, 20)}
     # ~10 % of each held out: one healthy case (validation loss), one lesion case (thresholds)
     assert len(set(split.val) & healthy) == 1 and len(set(split.val) & sick) == 1
-    assert set(split.train) == healthy - set(split.val)
-    assert set(split.test) == sick - set(split.val)
+    # and ~10 % of the healthy cases test beside the lesion cases: healthy test brains
+    healthy_test = set(split.test) & healthy
+    assert len(healthy_test) == 1 and not healthy_test & set(split.val)
+    assert set(split.train) == healthy - set(split.val) - healthy_test
+    assert set(split.test) == (sick - set(split.val)) | healthy_test
     train, val, test = split.slices(s)
     assert not train.lesion.any() and train.cases == list(split.train)
     assert val.cases == list(split.val) and test.cases == list(split.test)
     assert splits.make_split(s, seed=3) == split and splits.make_split(s, seed=4) != split
+
+
+def test_split_holds_out_healthy_test_cases_only_beside_lesion_cases():
+    for n_healthy, want in [(2, 0), (3, 1), (10, 1), (30, 3)]:
+        s = _set([False] * n_healthy + [True] * 4)
+        healthy = {f"c{i}" for i in range(n_healthy)}
+        for seed in range(4):
+            split = splits.make_split(s, seed=seed)
+            test = set(split.test) & healthy
+            assert len(test) == want, (n_healthy, seed)
+            assert not test & set(split.val) and split.train  # disjoint, training kept
+            sick = {f"c{i}" for i in range(n_healthy, n_healthy + 4)}
+            assert set(split.test) - healthy == sick - set(split.val)
+            assert splits.make_split(s, seed=seed) == split  # deterministic
+    # which healthy cases test changes with the seed
+    s = _set([False] * 30 + [True] * 4)
+    assert len({splits.make_split(s, seed=k).test for k in range(6)}) > 1
+    # with half the healthy cases validating, the healthy test cases still leave training
+    split = splits.make_split(_set([False] * 4 + [True] * 4), val_fraction=0.5)
+    assert len(split.train) == 1 and len(set(split.test) - {"c4", "c5", "c6", "c7"}) == 1
+    # a cohort without any lesion case keeps its test part empty; no healthy test at 0
+    assert splits.make_split(_set([False] * 10)).test == ()
+    assert not set(splits.make_split(_set([False] * 10 + [True] * 4), val_fraction=0).test) & {
+        f"c{i}" for i in range(10)}
 
 
 def test_split_without_healthy_case_trains_on_lesion_free_slices_of_every_case():

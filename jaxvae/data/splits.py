@@ -5,8 +5,13 @@ A split is data: three lists of case IDs, written into every run directory as sp
 `make_split` chooses one from a dataset:
 
 - folds > 1: K-fold cross-validation by case; fold i's cases test.
-- folds == 1 and some cases have no lesion: those healthy cases train (a healthy cohort, as
-  HCP in the paper), the cases with lesions test.
+- folds == 1 and some cases have no lesion, some have: the healthy cases train (a healthy
+  cohort, as HCP in the paper), the cases with lesions test, and so do ~`val_fraction` of
+  the healthy cases (at least one of three or more, never a validation case): healthy test
+  brains, so that case-level detection has negatives and the pooled pixel metrics see
+  healthy brains too.
+- folds == 1 and no case has a lesion: the healthy cases train; nothing is held out for
+  testing (evaluate the run on another dataset).
 - folds == 1 and every case has a lesion: every case trains on its lesion-free slices;
   nothing is held out for testing (evaluate the run on another dataset).
 
@@ -126,7 +131,14 @@ def make_split(slices: SliceSet, *, folds: int = 1, fold: int = 0, seed: int = 0
         return Split(*_without(slices.cases, _held_out(slices.cases, val_fraction, seed, 1)))
     val_sick = _held_out(sick, val_fraction, seed, 2)
     train, val = _without(healthy, _held_out(healthy, val_fraction, seed, 1))
-    return Split(train, [*val, *val_sick], sorted(sick - set(val_sick)))
+    test_healthy = []
+    if sick and len(healthy) >= 3 and val_fraction > 0:
+        # as many as validation would take of them, from the rest, one training case kept
+        n = min(max(math.floor(val_fraction * len(healthy) + 0.5), 1), len(train) - 1)
+        perm = np.random.default_rng((seed, 3)).permutation(len(train))
+        test_healthy = [train[i] for i in perm[:n]]
+    train, test_healthy = _without(train, test_healthy)
+    return Split(train, [*val, *val_sick], [*sorted(sick - set(val_sick)), *test_healthy])
 
 
 def _without(ids, held):
@@ -152,21 +164,26 @@ def read_split(path, cases=None) -> Split:
         raise ConfigError(f"{path}: cannot read split file ({e.strerror})") from None
     except ValueError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return split_from_dict(d, cases, where=path)
+
+
+def split_from_dict(d, cases=None, *, where="split") -> Split:
+    """A split from its JSON object (see `read_split`); errors start with `where`."""
     if not isinstance(d, dict) or set(d) - set(PARTS):
         extra = sorted(set(d) - set(PARTS)) if isinstance(d, dict) else type(d).__name__
-        raise ConfigError(f"{path}: a split file is a JSON object with keys {list(PARTS)} "
+        raise ConfigError(f"{where}: a split is a JSON object with keys {list(PARTS)} "
                           f"(lists of case IDs); got {extra}")
     for part, v in d.items():
         if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
-            raise ConfigError(f"{path}: {part!r} must be a list of case ID strings")
+            raise ConfigError(f"{where}: {part!r} must be a list of case ID strings")
     try:
         split = Split(**{part: d.get(part, []) for part in PARTS})
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     if cases is not None:
         unknown = sorted(set().union(*map(set, split.to_dict().values())) - set(cases))
         if unknown:
-            raise ConfigError(f"{path}: {len(unknown)} case(s) not in the dataset, e.g. "
+            raise ConfigError(f"{where}: {len(unknown)} case(s) not in the dataset, e.g. "
                               f"{unknown[0]!r} (the dataset has {len(set(cases))} cases)")
     return split
 

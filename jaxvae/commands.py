@@ -1,0 +1,253 @@
+"""What each `jaxvae` verb does, given its parsed arguments (see jaxvae.cli).
+
+Thin: each command checks what can be checked before slow work, calls the library and
+prints a summary. Expected failures are JaxvaeErrors (printed by jaxvae.cli as one line).
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from jaxvae.errors import ConfigError, JaxvaeError, OutputError
+
+
+def _settings(args, **extra):
+    from jaxvae.evaluate import ALL_PREDICTORS, KNOWN_PREDICTORS, EvalSettings
+    from jaxvae.predictors import check_predictors
+
+    preds = check_predictors(args.predictors, KNOWN_PREDICTORS, ALL_PREDICTORS)
+    if args.proj_steps < 0 or args.n_samples < 0 or args.combi_group < 0:
+        raise ConfigError("--proj-steps, --n-samples and --combi-group must be >= 0")
+    return EvalSettings(predictors=preds, batch_size=args.batch_size,
+                        smooth_sigma=args.smooth_sigma, combi_group=args.combi_group,
+                        proj_steps=args.proj_steps, proj_lam=args.proj_lam,
+                        proj_lr=args.proj_lr, n_samples=args.n_samples, seed=args.seed,
+                        **extra)
+
+
+def cmd_train(args):
+    import dataclasses
+
+    from jaxvae.checkpoint import check_run_dir
+    from jaxvae.config import AugmentConfig, TrainConfig
+    from jaxvae.data import datasets, splits
+    from jaxvae.data.preprocess import PreprocessParams
+    from jaxvae.train import train
+
+    _check_outputs(args.out, [], args.overwrite)  # a file in the way: refuse before loading
+    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # and a used run dir
+    if args.split and (args.folds > 1 or args.fold):
+        raise ConfigError("give either --split or --folds/--fold, not both")
+    # the settings before the data: a bad value is refused before minutes of loading
+    preprocess = PreprocessParams(**dict(args.preprocess), size=args.image_size)
+    augmentation = AugmentConfig(**dict(args.augmentation))
+    TrainConfig(latent_dim=args.latent_dim, channels=args.channels, augmentation=augmentation,
+                image_size=args.image_size)
+    if args.coordinator:
+        from jaxvae.parallel import initialize_distributed
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    modality = args.modality or "t2"
+    slices, desc = datasets.load_dataset(args.data, modality, params=preprocess, progress=True)
+    if preprocess != PreprocessParams():  # recorded when not the default (older runs resume)
+        desc = {**desc, "preprocess": dataclasses.asdict(preprocess)}
+    if isinstance(args.split, dict):  # a config file's split object (a run's config.json)
+        split = splits.split_from_dict(args.split, slices.cases, where="--config split")
+    elif args.split:
+        split = splits.read_split(args.split, slices.cases)
+    else:
+        split = splits.make_split(slices, folds=args.folds, fold=args.fold, seed=args.seed,
+                                  val_fraction=args.val_fraction)
+    train_set, val_set, _ = split.slices(slices)
+    if not len(train_set):
+        raise ConfigError(f"{args.data}: the training cases have no lesion-free slice")
+    if args.max_slices and len(train_set) > args.max_slices:
+        import numpy as np
+        keep = np.sort(np.random.default_rng(args.seed).choice(len(train_set), args.max_slices,
+                                                                replace=False))
+        train_set = train_set.subset(keep)
+    data = splits.split_description(desc, folds=args.folds, fold=args.fold, seed=args.seed,
+                                      split=split, n_train_slices=len(train_set))
+    cfg = TrainConfig(latent_dim=args.latent_dim, beta=args.beta, lr=args.lr,
+                      batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
+                      checkpoint_every=args.checkpoint_every,
+                      keep_checkpoints=args.keep_checkpoints, augment=args.augment,
+                      augmentation=augmentation, channels=args.channels,
+                      image_size=args.image_size,
+                      patience=args.patience, max_steps=args.max_steps, data=data)
+    t0 = time.time()
+    try:
+        _, history = train(cfg, train_set.images, args.out, resume=args.resume,
+                           overwrite=args.overwrite, val_images=val_set.lesion_free().images)
+    finally:
+        if (args.out / "config.json").is_file():  # the run exists: its split beside it
+            splits.write_split(split, args.out / "split.json", overwrite=True)
+    sick = set(slices.case_ids[slices.lesion.any(axis=(1, 2))].tolist())
+    what = ("the lesion-free slices of " if sick & set(split.train) else "") + \
+        f"{len(train_set)} slices of {len(split.train)} cases"
+    print(f"trained on {what}; {_progress_line(history)} in {time.time() - t0:.0f} s; "
+          f"{len(split.val)} validation, {len(split.test)} test cases; run directory: "
+          f"{args.out} (split.json, metrics.jsonl, loss.png)")
+
+
+def _progress_line(history) -> str:
+    """'N optimiser steps (E epochs, stopped by ...), best val loss X at step S'."""
+    from jaxvae.train import summarize
+
+    if not history:
+        return "no epoch trained"
+    s = summarize(history)
+    line = f"{s['steps']} optimiser steps ({s['epoch']} epochs, stopped by {s['stop']})"
+    line += f", final loss {history[-1]['loss']:.1f}"
+    if s.get("best_val_loss") is not None:
+        line += f", best val loss {s['best_val_loss']:.1f} at step {s['best_step']}"
+    return line
+
+
+def _same_data(a, b) -> bool:
+    if "phantom" in (str(a), str(b)):
+        return str(a) == str(b)
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _run_and_data(args):
+    """The run, its test slices and its validation slices (see `cmd_evaluate`)."""
+    from jaxvae.checkpoint import load_run
+    from jaxvae.config import preprocess_of
+    from jaxvae.data import datasets, splits
+
+    model, params, cfg, info = load_run(args.run, with_info=True)  # the best-val checkpoint
+    d = cfg.data or {}
+    preprocess = preprocess_of(cfg)
+    own = "phantom" if d.get("source") == "phantom" else d.get("path")
+    modality = args.modality or d.get("modality") or "t2"
+    split = splits.run_split(d)
+    if own is None and args.data is None:
+        raise ConfigError(f"{args.run}: the run records no data path; give --data")
+    val = slices = None
+    if own is not None and split is not None and split.val:
+        if own != "phantom" and not Path(own).exists():
+            raise ConfigError(f"{args.run}: its validation cases are in {own}, which is gone; "
+                              "thresholds and the ensemble are fitted on them")
+        slices, _ = datasets.load_dataset(own, modality, params=preprocess, progress=True)
+        val = slices.for_cases(split.val)
+    if args.data is None or (own is not None and _same_data(args.data, own)):
+        if split is None or not split.test:
+            raise ConfigError(f"{args.run}: the run holds out no test case of {own} (it trained "
+                              "on every case); evaluate it on another dataset with --data")
+        if slices is None:
+            slices, _ = datasets.load_dataset(own, modality, params=preprocess, progress=True)
+        test = slices.for_cases(split.test)
+    else:  # another dataset: every case of it
+        for case in datasets.find_cases(args.data, modality)[0]:  # names of plain volumes
+            datasets.check_modality(case.image_path, d.get("modality"), args.modality)
+        test, _ = datasets.load_dataset(args.data, modality, params=preprocess, progress=True)
+    return model, params, cfg, test, val, info
+
+
+def cmd_evaluate(args):
+    from jaxvae import outputs
+    from jaxvae.evaluate import overlay_slices, score_dataset
+
+    _check_outputs(args.out, outputs.OUTPUT_NAMES, args.overwrite)
+    if not 0 < args.val_quantile < 1 or args.n_boot < 0:
+        raise ConfigError("--val-quantile must be in (0, 1) and --n-boot >= 0")
+    # bad flags before slow loading
+    settings = _settings(args, postprocess=args.postprocess, val_quantile=args.val_quantile,
+                         n_boot=args.n_boot, ensemble=args.ensemble,
+                         ensemble_intensity=args.ensemble_intensity)
+    model, params, cfg, test, val, info = _run_and_data(args)
+    shown = overlay_slices(test)
+    outputs.check_outputs(args.out, test, shown, overwrite=args.overwrite)
+    results, kept = score_dataset(model, params, test, val=val, beta=cfg.beta,
+                                  settings=settings, progress=True,
+                                  keep=[i for i, _ in shown])  # maps of the overlays only
+    results["run"] = {"path": str(args.run), "checkpoint": info}
+    md = outputs.write_evaluation(args.out, results, test, kept, shown, run_dir=args.run,
+                                  title=f"jaxvae evaluate {args.run}",
+                                  overwrite=args.overwrite)
+    print(md)
+    print(f"wrote {args.out / 'report.html'}, results.json, results.md, per_case.csv, "
+          f"curves.png and {len(shown)} overlays")
+
+
+def cmd_score(args):
+    from jaxvae import score
+    from jaxvae.checkpoint import load_run
+    from jaxvae.config import preprocess_of
+    from jaxvae.data import datasets
+
+    settings = _settings(args)  # bad flags before slow loading
+    _check_outputs(args.out, [], args.overwrite)
+    model, params, cfg = load_run(args.run)
+    trained = (cfg.data or {}).get("modality")
+    if args.input.is_dir():
+        inputs = sorted(p for p in args.input.iterdir()
+                        if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
+        if not inputs:
+            raise ConfigError(f"{args.input}: no .nii/.nii.gz volumes in this folder")
+        if args.mask:
+            raise ConfigError("--mask applies to a single --input volume, not a folder")
+    elif args.input.exists():
+        inputs = [args.input]
+    else:
+        raise ConfigError(f"{args.input}: no such file or folder")
+    for path in inputs:
+        datasets.check_modality(path, trained, args.modality)
+    from tqdm.auto import tqdm
+
+    written, failed = [], []
+    for path in tqdm(inputs, desc="volumes", unit="vol", disable=len(inputs) == 1):
+        try:
+            written += score.score_volume(model, params, path, args.out, beta=cfg.beta,
+                                             mask=args.mask, settings=settings,
+                                             overwrite=args.overwrite, png=args.png,
+                                             volume_index=args.volume_index,
+                                             preprocess=preprocess_of(cfg))
+        except JaxvaeError as e:
+            if args.strict or len(inputs) == 1:
+                raise
+            failed.append(path)
+            # tqdm.write: on its own line, not glued to the progress bar
+            tqdm.write(f"jaxvae score: skipped: {one_line(e)}", file=sys.stderr)
+    print(f"wrote {len(written)} files for {len(inputs) - len(failed)} volume(s) to {args.out}"
+          + (f"; {len(failed)} skipped" if failed else ""))
+    if failed:
+        return 1
+    return 0
+
+
+def _check_outputs(out_dir, names, overwrite):
+    """Refuse up front (before minutes of work) when outputs exist and --overwrite is off,
+    or when the output folder cannot be created (a file is in the way)."""
+    from jaxvae.io import check_out_dir
+
+    check_out_dir(out_dir)
+    for n in names:
+        if (Path(out_dir) / n).exists() and not overwrite:
+            raise OutputError(f"{Path(out_dir) / n}: already exists (use --overwrite)")
+
+
+def cmd_demo(args):
+    from jaxvae.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, overwrite=args.overwrite)
+
+
+def cmd_bench(args):
+    from jaxvae.bench.harness import run
+
+    frameworks = ("jax",) if args.no_torch else ("jax", "torch")
+    result = run(batch_sizes=tuple(args.batch_size), frameworks=frameworks,
+                 repeats=args.repeats, out=args.out)
+    if args.out is None:
+        print(json.dumps(result, indent=1))
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an error message (some carry an affine matrix below it)."""
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+COMMANDS = {"train": cmd_train, "score": cmd_score, "evaluate": cmd_evaluate, "demo": cmd_demo,
+            "bench": cmd_bench}

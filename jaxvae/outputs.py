@@ -1,0 +1,81 @@
+"""Everything `jaxvae evaluate` writes, all or nothing.
+
+results.json / results.md / per_case.csv (jaxvae.results), curves.png (ROC and
+precision-recall of every row, from the histogram counts in results["curves"]), overlays/
+(the test slices of `evaluate.overlay_slices`: each map over the image on one
+threshold-relative colour scale, truth and validation-threshold contours) and report.html
+(jaxvae.report: all of it on one self-contained page). An error part-way removes the files
+this call created; existing files are only replaced with `overwrite`.
+"""
+
+import re
+from pathlib import Path
+
+from jaxvae.errors import OutputError
+from jaxvae.io import all_or_nothing, confined
+from jaxvae.results import row_order, write_results
+
+OUTPUT_NAMES = ("results.json", "results.md", "per_case.csv", "curves.png", "report.html")
+# rows drawn in the overlays: every map but the post-processed ones and the paper's plain
+# ensemble (the same features as "ensemble", for the table)
+HIDDEN_ROWS = ("ensemble_plain",)
+
+
+def _shown_rows(kept) -> list[str]:
+    return sorted((k for k in kept if not k.endswith("+pp") and k not in HIDDEN_ROWS),
+                  key=row_order)
+
+
+def overlay_paths(out_dir, test, shown) -> list[Path]:
+    """overlays/<n>_<case>.png of each shown (slice index, label)."""
+    ids = test.case_ids
+    return [confined(Path(out_dir) / "overlays",
+                     f"{n}_{re.sub(r'[^A-Za-z0-9_.-]', '_', str(ids[i]))}.png")
+            for n, (i, _) in enumerate(shown, 1)]
+
+
+def check_outputs(out_dir, test, shown, *, overwrite=False) -> None:
+    """Refuse before any work when an output exists and overwrite is off."""
+    paths = [Path(out_dir) / n for n in OUTPUT_NAMES] + overlay_paths(out_dir, test, shown)
+    for p in paths:
+        if p.exists() and not overwrite:
+            raise OutputError(f"{p}: already exists (use --overwrite)")
+
+
+def write_evaluation(out_dir, results, test, kept, shown, *, run_dir=None,
+                     title="jaxvae evaluate", overwrite=False) -> str:
+    """Write every evaluation output to out_dir; returns the markdown of results.md.
+
+    Args:
+      results: the results dict of `evaluate.score_dataset` (with "curves").
+      test: the test SliceSet; kept: {row: (K, H, W)} maps of the K slices `shown`, in
+        order (score_dataset's `keep=[i for i, _ in shown]`); shown: `overlay_slices(test)`.
+      run_dir: the run directory (its config.json, split.json and loss.png go in the report).
+    """
+    from jaxvae.figures import curves_figure, overlay_figure
+    from jaxvae.report import write_report
+
+    out_dir = Path(out_dir)
+    overlays = overlay_paths(out_dir, test, shown)
+    paths = [out_dir / n for n in OUTPUT_NAMES] + overlays
+    thresholds = results.get("calibration", {}).get("thresholds", {})
+    rows = _shown_rows(kept)
+    with all_or_nothing(paths):
+        md = write_results(results, out_dir, overwrite=overwrite, title=title)
+        images = {}
+        curves = {k: v for k, v in results.get("curves", {}).items()  # empty: no lesion
+                  if v.get("fpr") and not k.endswith("+pp") and k not in HIDDEN_ROWS}
+        if curves:
+            curves_figure(out_dir / "curves.png", curves, overwrite=overwrite,
+                          title=f"{results['n_cases']} test cases, pooled pixels")
+            images["ROC and precision-recall curves (pooled test pixels)"] = \
+                out_dir / "curves.png"
+        for k, ((i, label), path) in enumerate(zip(shown, overlays, strict=True)):
+            overlay_figure(path, test.images[i], test.lesion[i], test.brain[i],
+                           {r: kept[r][k] for r in rows},
+                           thresholds={r: t for r, t in thresholds.items() if r in rows},
+                           title=label, overwrite=overwrite)
+            images[f"overlay: {label}"] = path
+        write_report(out_dir, results, images=images, run_dir=run_dir, title=title,
+                     overwrite=overwrite)
+    return md

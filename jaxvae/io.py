@@ -38,6 +38,10 @@ def atomic_path(path, *, overwrite: bool = False):
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp creates 0600; give the file the mode a plain open() would (0666 - umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

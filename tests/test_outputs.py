@@ -70,3 +70,18 @@ def test_evaluate_refuses_to_overwrite_and_leaves_outputs_alone(phantom_run, tmp
     assert "report.html" in err and "--overwrite" in err
     assert sorted(p.name for p in out.iterdir()) == ["report.html"]
     assert (out / "report.html").read_text() == "mine"
+
+
+def test_atomic_outputs_get_the_mode_of_a_plain_open(tmp_path):
+    import os
+
+    from jaxvae.io import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "a.txt").stat().st_mode & 0o777
+    assert mode == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o644

@@ -10,7 +10,7 @@ from jaxvae.model import ConvVAE, decode, encode, init_params, reconstruct
 from jaxvae.parallel import initialize_distributed, make_mesh
 from jaxvae.predictors import PREDICTORS, anomaly_maps, smooth
 from jaxvae.projection import project
-from jaxvae.score import sharded_maps, sharded_project
+from jaxvae.score import sharded_maps, sharded_project, volume_maps
 from jaxvae.train import make_train_step, train
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "sharded_maps",
     "sharded_project",
     "train",
+    "volume_maps",
     "ConfigError",
     "ConvVAE",
     "DataError",

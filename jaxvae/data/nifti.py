@@ -21,7 +21,7 @@ from nibabel.orientations import (
     io_orientation,
     ornt_transform,
 )
-from nibabel.spatialimages import HeaderDataError
+from nibabel.spatialimages import HeaderDataError, SpatialImage
 
 from jaxvae.errors import DataError, OutputError
 from jaxvae.io import atomic_path
@@ -47,14 +47,14 @@ class Volume:
       affine: (4, 4) the file's original voxel -> world (mm) affine.
       shape: the file's original 3D shape.
       ornt: (3, 2) nibabel orientation transform from the file's grid to `data`'s grid.
-      path: the file it was read from.
+      path: the file it was read from (None: an in-memory image without a file name).
     """
 
     data: np.ndarray
     affine: np.ndarray
     shape: tuple[int, int, int]
     ornt: np.ndarray
-    path: Path
+    path: Path | None
 
     @property
     def ras_affine(self) -> np.ndarray:
@@ -77,24 +77,40 @@ class Volume:
         return apply_orientation(array, back)
 
 
-def _read(path, *, volume_index=None) -> tuple[np.ndarray, np.ndarray]:
-    """Read one 3D volume from a NIfTI file, rejecting anything that is not a sane image.
+def source_name(source) -> str:
+    """How messages name a volume: its path, or an in-memory image's file name or kind."""
+    if isinstance(source, SpatialImage):
+        filename = source.get_filename()
+        return filename or f"<in-memory {type(source).__name__} {source.shape}>"
+    return str(source)
+
+
+def _read(source, *, volume_index=None) -> tuple[np.ndarray, np.ndarray]:
+    """Read one 3D volume from a NIfTI file or an in-memory nibabel NIfTI image, rejecting
+    anything that is not a sane image.
 
     Returns:
       (data (X, Y, Z) float32 on the file's grid, affine (4, 4) float64).
     """
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "file not found"
-        raise DataError(f"{path}: {what}")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file")
-    try:
-        img = nib.load(path)
-    except _READ_ERRORS as e:
-        raise DataError(f"{path}: not a readable NIfTI file ({e})") from e
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise DataError(f"{path}: not a NIfTI file (nibabel reads it as {type(img).__name__})")
+    if isinstance(source, SpatialImage):
+        img, path = source, source_name(source)  # every check below applies to it too
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise DataError(f"{path}: not a NIfTI image (a {type(img).__name__}); convert it "
+                            "with nibabel.Nifti1Image(img.get_fdata(), img.affine)")
+    else:
+        path = Path(source)
+        if not path.is_file():
+            what = "is a folder, not a file" if path.is_dir() else "file not found"
+            raise DataError(f"{path}: {what}")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file")
+        try:
+            img = nib.load(path)
+        except _READ_ERRORS as e:
+            raise DataError(f"{path}: not a readable NIfTI file ({e})") from e
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise DataError(f"{path}: not a NIfTI file (nibabel reads it as "
+                            f"{type(img).__name__})")
 
     shape = img.shape
     if len(shape) not in (3, 4):
@@ -144,7 +160,9 @@ def load_volume(path, *, volume_index: int | None = None) -> Volume:
     """Load a NIfTI image as float32, reoriented to RAS so that the last axis is axial.
 
     Args:
-      path: a .nii or .nii.gz file holding a 3D image (or 4D with one volume).
+      path: a .nii or .nii.gz file holding a 3D image (or 4D with one volume), or an
+        in-memory nibabel Nifti1Image / Nifti2Image (checked the same way; the Volume's
+        `path` is then its file name, or None).
       volume_index: which volume of a 4D file with several volumes to read.
 
     Returns:
@@ -154,24 +172,28 @@ def load_volume(path, *, volume_index: int | None = None) -> Volume:
       DataError: missing, empty, corrupt or non-NIfTI file, wrong dimensionality, complex or
         non-finite voxels, implausible shape, or a constant (e.g. all-zero) image.
     """
-    path = Path(path)
     data, affine = _read(path, volume_index=volume_index)
+    name = source_name(path)
     native_shape = data.shape
     ornt = ornt_transform(io_orientation(affine), _RAS)
     data = np.ascontiguousarray(apply_orientation(data, ornt))
-    _check_inplane(path, data)
+    _check_inplane(name, data)
     lo, hi = data.min(), data.max()
     if lo == hi:
-        raise DataError(f"{path}: constant image (every voxel is {lo:g}); nothing to analyse")
-    return Volume(data=data, affine=affine, shape=native_shape, ornt=ornt, path=path)
+        raise DataError(f"{name}: constant image (every voxel is {lo:g}); nothing to analyse")
+    if isinstance(path, SpatialImage):
+        path = path.get_filename()
+    return Volume(data=data, affine=affine, shape=native_shape, ornt=ornt,
+                  path=None if path is None else Path(path))
 
 
 def load_seg(path, reference: Volume) -> np.ndarray:
     """Load a label map (tumour segmentation or brain mask) aligned with `reference`.
 
     Args:
-      path: NIfTI with non-negative integer labels (integers stored as floats are fine),
-        the same shape and affine as the file `reference` was read from.
+      path: NIfTI file (or in-memory nibabel NIfTI image) with non-negative integer labels
+        (integers stored as floats are fine), the same shape and affine as the file
+        `reference` was read from.
       reference: the image volume it belongs to.
 
     Returns:
@@ -181,9 +203,8 @@ def load_seg(path, reference: Volume) -> np.ndarray:
     Raises:
       DataError: unreadable file, or a shape/affine/label mismatch (names both files).
     """
-    path = Path(path)
     data, affine = _read(path)
-    pair = f"{path} vs image {reference.path}"
+    pair = f"{source_name(path)} vs image {reference.path or 'in memory'}"
     if data.shape != tuple(reference.shape):
         raise DataError(f"{pair}: shape {data.shape} != image shape {tuple(reference.shape)}")
     # 1e-3 mm: writers round affines differently, but a real misalignment is far larger

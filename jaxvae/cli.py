@@ -132,6 +132,8 @@ def _score_args(p):
     p.add_argument("--volume-index", type=int | None, default=None, help="volume of a 4D input")
     p.add_argument("--modality", default=None,
                    help="score an input whose name says another sequence than the run's")
+    p.add_argument("--segment", type=bool, default=True,
+                   help="with the run's segmenter.json: also <stem>_prob and <stem>_mask")
     _eval_args(p)
 
 

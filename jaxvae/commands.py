@@ -85,9 +85,27 @@ def cmd_train(args):
     sick = set(slices.case_ids[slices.lesion.any(axis=(1, 2))].tolist())
     what = ("the lesion-free slices of " if sick & set(split.train) else "") + \
         f"{len(train_set)} slices of {len(split.train)} cases"
+    seg = _fit_segmenter(args.out, val_set) if sick & set(split.val) else ""
     print(f"trained on {what}; {_progress_line(history)} in {time.time() - t0:.0f} s; "
           f"{len(split.val)} validation, {len(split.test)} test cases; run directory: "
-          f"{args.out} (split.json, metrics.jsonl, loss.png)")
+          f"{args.out} (split.json, metrics.jsonl, loss.png{seg})")
+
+
+def _fit_segmenter(run_dir, val) -> str:
+    """Fit the ensemble + threshold on the validation cases with lesions and store it in
+    the run (segmenter.json), for `jaxvae score` to write probability maps and masks."""
+    import jax
+
+    from jaxvae import segment
+    from jaxvae.checkpoint import load_run
+    from jaxvae.evaluate import EvalSettings
+
+    if jax.process_index() != 0:
+        return ""
+    model, params, cfg = load_run(run_dir)  # the best-validation checkpoint, as score uses
+    seg = segment.fit(model, params, val, beta=cfg.beta, settings=EvalSettings())
+    segment.save(run_dir, seg, overwrite=True)  # the run's own: refitted on resume
+    return f", segmenter.json: {seg['name']} at the validation threshold"
 
 
 def _progress_line(history) -> str:
@@ -146,7 +164,7 @@ def _run_and_data(args):
 
 
 def cmd_evaluate(args):
-    from jaxvae import outputs
+    from jaxvae import outputs, segment
     from jaxvae.evaluate import overlay_slices, score_dataset
 
     _check_outputs(args.out, outputs.OUTPUT_NAMES, args.overwrite)
@@ -163,6 +181,10 @@ def cmd_evaluate(args):
                                   settings=settings, progress=True,
                                   keep=[i for i, _ in shown])  # maps of the overlays only
     results["run"] = {"path": str(args.run), "checkpoint": info}
+    seg = segment.from_calibration(results["calibration"], settings)
+    if seg is not None and segment.load(args.run) is None:  # fitted on the run's val cases
+        segment.save(args.run, seg)  # a run trained before segmenters: score can now segment
+        print(f"stored {args.run / segment.SEGMENTER_FILE} ({seg['name']})")
     md = outputs.write_evaluation(args.out, results, test, kept, shown, run_dir=args.run,
                                   title=f"jaxvae evaluate {args.run}",
                                   overwrite=args.overwrite)
@@ -172,28 +194,20 @@ def cmd_evaluate(args):
 
 
 def cmd_score(args):
-    from jaxvae import score
+    from jaxvae import score, segment
     from jaxvae.checkpoint import load_run
     from jaxvae.config import preprocess_of
-    from jaxvae.data import datasets
 
     settings = _settings(args)  # bad flags before slow loading
     _check_outputs(args.out, [], args.overwrite)
     model, params, cfg = load_run(args.run)
-    trained = (cfg.data or {}).get("modality")
-    if args.input.is_dir():
-        inputs = sorted(p for p in args.input.iterdir()
-                        if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
-        if not inputs:
-            raise ConfigError(f"{args.input}: no .nii/.nii.gz volumes in this folder")
-        if args.mask:
-            raise ConfigError("--mask applies to a single --input volume, not a folder")
-    elif args.input.exists():
-        inputs = [args.input]
-    else:
-        raise ConfigError(f"{args.input}: no such file or folder")
-    for path in inputs:
-        datasets.check_modality(path, trained, args.modality)
+    inputs = score.find_inputs(args.input, modality=args.modality,
+                               trained=(cfg.data or {}).get("modality"))
+    if args.mask and len(inputs) > 1:
+        raise ConfigError("--mask applies to a single --input volume, not a folder")
+    seg = segment.load(args.run) if args.segment else None
+    if seg is not None:
+        seg.check_settings(settings)  # maps as the segmenter was fitted on, before any work
     from tqdm.auto import tqdm
 
     written, failed = [], []
@@ -203,7 +217,7 @@ def cmd_score(args):
                                              mask=args.mask, settings=settings,
                                              overwrite=args.overwrite, png=args.png,
                                              volume_index=args.volume_index,
-                                             preprocess=preprocess_of(cfg))
+                                             preprocess=preprocess_of(cfg), segmenter=seg)
         except JaxvaeError as e:
             if args.strict or len(inputs) == 1:
                 raise
@@ -211,7 +225,9 @@ def cmd_score(args):
             # tqdm.write: on its own line, not glued to the progress bar
             tqdm.write(f"jaxvae score: skipped: {one_line(e)}", file=sys.stderr)
     print(f"wrote {len(written)} files for {len(inputs) - len(failed)} volume(s) to {args.out}"
-          + (f"; {len(failed)} skipped" if failed else ""))
+          + (f" (with {seg.name}'s probability map and mask at the validation threshold "
+             f"{seg.threshold:.3g})" if seg else "") + (f"; {len(failed)} skipped" if failed
+                                                         else ""))
     if failed:
         return 1
     return 0

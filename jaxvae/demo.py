@@ -11,15 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxvae import score
+from jaxvae import score, segment
 from jaxvae.config import TrainConfig, model_from_config
 from jaxvae.data import phantom, splits
 from jaxvae.data.datasets import find_brats_cases, load_slices
 from jaxvae.errors import OutputError
-from jaxvae.evaluate import EvalSettings, score_dataset
+from jaxvae.evaluate import EvalSettings, overlay_slices, score_dataset
 from jaxvae.figures import map_figure
 from jaxvae.model import reconstruct
-from jaxvae.results import write_results
+from jaxvae.outputs import write_evaluation
 from jaxvae.train import train
 
 # (n_healthy, n_lesion, epochs, projection steps): full < 5 min, quick < 1 min on 2 cores
@@ -42,9 +42,10 @@ def run_demo(out_dir, *, quick=False, overwrite=False, modality="t2", seed=0):
     slices = load_slices(cases)
     split = splits.make_split(slices, seed=seed)
     train_set, val_set, test_set = split.slices(slices)
+    sick = set(test_set.case_ids[test_set.lesion.any(axis=(1, 2))].tolist())
     print(f"[2/5] {len(train_set)} healthy training slices; validation cases "
           f"{', '.join(split.val)}; {len(test_set)} test slices of {len(test_set.cases)} "
-          "lesion cases")
+          f"cases ({len(sick)} with lesions, {len(test_set.cases) - len(sick)} healthy)")
 
     cfg = TrainConfig(latent_dim=64, beta=1.0, lr=1e-3 if quick else 5e-4, batch_size=64,
                       epochs=plan["epochs"], seed=seed,
@@ -63,22 +64,30 @@ def run_demo(out_dir, *, quick=False, overwrite=False, modality="t2", seed=0):
     results, maps = score_dataset(model, params, test_set, val=val_set, beta=cfg.beta,
                                   settings=settings, progress=True)
     results["demo"] = {"quick": quick, **plan, "lr": cfg.lr}
-    md = write_results(results, out_dir, overwrite=overwrite, title="jaxvae demo (phantom data)")
+    shown = overlay_slices(test_set)
+    md = write_evaluation(out_dir, results, test_set, {k: m[[i for i, _ in shown]]
+                                                       for k, m in maps.items()}, shown,
+                          run_dir=out_dir / "run", title="jaxvae demo (phantom data)",
+                          overwrite=overwrite)
 
-    print("[5/5] figures and NIfTI maps of one test case")
+    print("[5/5] figures, and NIfTI maps, lesion probability and mask of one test case")
     x = test_set.images[..., None]
     recon = np.asarray(reconstruct(model, params, x))[..., 0]
-    shown = {k: maps[k] for k in ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi",
+    panels = {k: maps[k] for k in ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi",
                                   "proj_rec_error", "intensity")}
-    map_figure(out_dir / "figures" / "maps.png", test_set.images, test_set.lesion, shown,
+    map_figure(out_dir / "figures" / "maps.png", test_set.images, test_set.lesion, panels,
                recon=recon, case_ids=test_set.case_ids, overwrite=overwrite,
                title="phantom test slices")
-    case = next(c for c in cases if c.case_id == test_set.cases[0])
+    case = next(c for c in cases if c.case_id == sorted(sick)[0])
+    seg = segment.from_calibration(results["calibration"], settings)  # the run segments
+    if seg is not None:
+        segment.save(out_dir / "run", seg, overwrite=overwrite)
     written = score.score_volume(model, params, case.image_path, out_dir / "maps",
-                                    beta=cfg.beta, settings=settings, overwrite=overwrite)
+                                 beta=cfg.beta, settings=settings, overwrite=overwrite,
+                                 segmenter=seg)
     print()
     print(md)
-    print(f"done in {time.time() - t0:.0f} s: {out_dir / 'results.md'}, results.json, "
-          f"figures/maps.png, {len(written)} NIfTI maps in {out_dir / 'maps'}, run in "
-          f"{out_dir / 'run'}")
+    print(f"done in {time.time() - t0:.0f} s: {out_dir / 'report.html'}, results.md, "
+          f"results.json, curves.png, overlays/, figures/maps.png, {len(written)} NIfTI maps "
+          f"in {out_dir / 'maps'}, run in {out_dir / 'run'}")
     return results

@@ -73,9 +73,13 @@ def test_demo_quick_end_to_end(tmp_path):
                            str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
-    for f in ("results.md", "figures/maps.png", "run/config.json", "run/metrics.jsonl"):
+    for f in ("results.md", "figures/maps.png", "run/config.json", "run/metrics.jsonl",
+              "report.html", "curves.png", "run/segmenter.json"):
         assert (out / f).is_file(), f
-    assert len(list((out / "maps").glob("*.nii.gz"))) == 6
+    assert len(list((out / "overlays").glob("*.png"))) >= 1
+    maps = sorted(p.name.split("_")[-1] for p in (out / "maps").glob("*.nii.gz"))
+    assert len(maps) == 8 and "prob.nii.gz" in maps and "mask.nii.gz" in maps
+    assert res["detection"]["volume"]["n_neg"] > 0  # a healthy test case: defined
     rows = res["predictors"]
     assert set(rows) >= {"rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi",
                          "proj_rec_error", "intensity"}

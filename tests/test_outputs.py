@@ -85,3 +85,45 @@ def test_atomic_outputs_get_the_mode_of_a_plain_open(tmp_path):
         os.umask(old)
     mode = (tmp_path / "a.txt").stat().st_mode & 0o777
     assert mode == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_trained_run_segments_new_scans_and_walks_a_brats_folder(phantom_run, tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    seg = json.loads((phantom_run / "segmenter.json").read_text())
+    assert seg["name"] == "ensemble+intensity" and 0 < seg["threshold"] < 1
+    data = phantom_run.parent / "d"
+    case = sorted(p for p in data.iterdir() if "lesion" in p.name)[0]
+    scan = case / f"{case.name}_t2.nii.gz"
+    out = tmp_path / "maps"
+    assert main(["score", "--run", str(phantom_run), "--input", str(scan), "--out", str(out),
+                 "--predictors", "rec_error", "--proj-steps", "0"]) == 0
+    assert "ensemble+intensity" in capsys.readouterr().out
+    ref = nib.load(scan)
+    prob = nib.load(out / f"{case.name}_t2_prob.nii.gz")
+    mask = nib.load(out / f"{case.name}_t2_mask.nii.gz")
+    assert prob.shape == mask.shape == ref.shape
+    assert np.allclose(prob.affine, ref.affine) and np.allclose(mask.affine, ref.affine)
+    p, m = prob.get_fdata(), np.asarray(mask.dataobj)
+    assert 0 <= p.min() and p.max() <= 1 and set(np.unique(m)) <= {0, 1}
+    assert np.array_equal(m == 1, p >= np.float32(seg["threshold"]))
+    assert sorted(f.name for f in out.iterdir()) == sorted(
+        f"{case.name}_t2_{k}.nii.gz" for k in ("rec_error", "prob", "mask"))
+    # a BraTS-layout folder: one scan per case (the run's sequence), no seg file scored
+    out = tmp_path / "all"
+    assert main(["score", "--run", str(phantom_run), "--input", str(data), "--out", str(out),
+                 "--predictors", "rec_error", "--segment", "false"]) == 0
+    written = sorted(f.name for f in out.iterdir())
+    cases = sorted(p.name for p in data.iterdir() if p.is_dir())
+    assert written == sorted(f"{c}_t2_rec_error.nii.gz" for c in cases)
+    # another sequence than the run's is refused unless asked for
+    flair = tmp_path / f"{case.name}_flair.nii.gz"
+    flair.write_bytes(scan.read_bytes())
+    assert main(["score", "--run", str(phantom_run), "--input", str(flair), "--out",
+                 str(tmp_path / "f"), "--predictors", "rec_error"]) == 2
+    assert "flair" in capsys.readouterr().err and not (tmp_path / "f").exists()
+    # maps asked with other settings than the segmenter was fitted on: refused before work
+    assert main(["score", "--run", str(phantom_run), "--input", str(scan), "--out",
+                 str(tmp_path / "s"), "--predictors", "rec_error", "--smooth-sigma", "1"]) == 2
+    assert "smooth_sigma" in capsys.readouterr().err and not (tmp_path / "s").exists()

@@ -4,6 +4,11 @@ Follows REFERENCE.md §6 (the reference code's ranges are AugmentConfig's defaul
 draw is a function of the key alone: image i of a batch uses fold_in(key, i), and inside one
 image each random quantity has its own fold_in index, so an augmentation that is switched
 off does not shift the draws of the others.
+
+Images of C channels (co-registered sequences) are augmented as one: the same rotation,
+zoom, mirror, brightness and contrast factor for every channel (contrast about each
+channel's own mean, as each sequence is normalised on its own), noise drawn per pixel
+and channel. An (H, W) image is augmented exactly as before channels existed.
 """
 
 import jax
@@ -19,14 +24,17 @@ def affine_resample(image, angle, scale, flip):
     Output pixel p samples the input at c + A^-1 (p - c), A = mirror . scale . rotation.
 
     Args:
-      image: (H, W) float image.
+      image: (H, W) or (H, W, C) float image; every channel is resampled the same way.
       angle: rotation in radians (scalar).
       scale: zoom factor (scalar, > 1 enlarges).
-      flip: bool scalar, mirror the last axis.
+      flip: bool scalar, mirror the width axis.
 
     Returns:
-      (H, W) image, same dtype.
+      image of the same shape and dtype.
     """
+    if image.ndim == 3:
+        return jax.vmap(affine_resample, in_axes=(2, None, None, None), out_axes=2)(
+            image, angle, scale, flip)
     h, w = image.shape
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
     yy, xx = jnp.meshgrid(jnp.arange(h, dtype=image.dtype), jnp.arange(w, dtype=image.dtype),
@@ -40,7 +48,8 @@ def affine_resample(image, angle, scale, flip):
 
 
 def augment_image(key, image, aug: AugmentConfig):
-    """One random augmentation of one (H, W) image; ops whose range is neutral are skipped.
+    """One random augmentation of one (H, W) or (H, W, C) image; ops whose range is neutral
+    are skipped.
 
     Geometry (rotation, scale, mirror) is one bilinear resampling; then brightness,
     contrast about the image mean, and additive Gaussian noise.
@@ -60,7 +69,7 @@ def augment_image(key, image, aug: AugmentConfig):
     if aug.brightness != (1.0, 1.0):
         x = x * uniform(3, *aug.brightness)
     if aug.contrast != (1.0, 1.0):
-        m = jnp.mean(x)
+        m = jnp.mean(x, axis=(0, 1))  # per channel; the image's mean for (H, W)
         x = (x - m) * uniform(4, *aug.contrast) + m
     if aug.noise_std > 0:
         x = x + aug.noise_std * jax.random.normal(k(5), x.shape, x.dtype)
@@ -78,9 +87,10 @@ augment_batch.__doc__ = """Augment a batch, image i with key fold_in(key, i) (ji
 
 Args:
   key: PRNG key.
-  images: (N, H, W) float images.
+  images: (N, H, W) or (N, H, W, C) float images (the channels of an image augmented
+    together, see the module docstring).
   aug: AugmentConfig (static).
 
 Returns:
-  (N, H, W) augmented images, same dtype.
+  augmented images, same shape and dtype.
 """

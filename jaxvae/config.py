@@ -12,11 +12,21 @@ import operator
 
 from jaxvae.data.preprocess import PreprocessParams
 from jaxvae.errors import ConfigError
-from jaxvae.model import ConvVAE
+from jaxvae.model import IMAGE_SIZES, ConvVAE
 
 # Fields a resumed run may change: they set how long to train and what to keep, not what
 # the steps compute.
 SCHEDULE_FIELDS = ("epochs", "checkpoint_every", "keep_checkpoints", "patience", "max_steps")
+
+
+def _count(value) -> int:
+    """value as an int if it is one (numpy's too; not a bool, float or string), else -1."""
+    if isinstance(value, bool):
+        return -1
+    try:
+        return operator.index(value)
+    except TypeError:
+        return -1
 
 
 def _pair(name, value):
@@ -90,7 +100,10 @@ class TrainConfig:
         0 = no cap (only `epochs` counts).
       augment: apply `augmentation` on the fly.
       augmentation: the augmentation ranges.
-      channels: encoder channels of the ConvVAE.
+      channels: encoder channels of the ConvVAE (its four stages from a 64x64 map down).
+      image_size: slice height = width the model takes, 64 or 128 (a config.json written
+        before this field existed is a 64 run).
+      in_channels: image channels C (co-registered sequences stacked; 1 before this field).
       data: free-form JSON description of the training data (source, modality, fold, ...).
     """
 
@@ -107,6 +120,8 @@ class TrainConfig:
     augment: bool = True
     augmentation: AugmentConfig = AugmentConfig()
     channels: tuple[int, ...] = (16, 32, 64, 256)
+    image_size: int = 64
+    in_channels: int = 1
     data: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -122,11 +137,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("patience", "max_steps"):
             value = getattr(self, name)
-            try:
-                count = operator.index(value)  # ints (numpy's too), not floats or strings
-            except TypeError:
-                count = -1
-            if isinstance(value, bool) or count < 0:
+            count = _count(value)
+            if count < 0:
                 raise ConfigError(f"{name} must be an integer >= 0 (0 = off), got {value!r}")
             object.__setattr__(self, name, count)
         if self.epochs < 0 or self.beta < 0 or not self.lr > 0:
@@ -134,6 +146,14 @@ class TrainConfig:
                               f"beta={self.beta}, lr={self.lr})")
         if len(self.channels) != 4 or min(self.channels) < 1:
             raise ConfigError(f"channels must be 4 positive ints, got {self.channels}")
+        size, c = _count(self.image_size), _count(self.in_channels)
+        if size not in IMAGE_SIZES:
+            raise ConfigError(f"image_size must be one of {', '.join(map(str, IMAGE_SIZES))}, "
+                              f"got {self.image_size!r}")
+        if c < 1:
+            raise ConfigError(f"in_channels must be an integer >= 1, got {self.in_channels!r}")
+        object.__setattr__(self, "image_size", size)
+        object.__setattr__(self, "in_channels", c)
         try:
             json.dumps(self.data)
         except (TypeError, ValueError) as e:
@@ -169,5 +189,6 @@ def preprocess_of(cfg: TrainConfig) -> PreprocessParams:
 
 def model_from_config(cfg: TrainConfig) -> ConvVAE:
     """The ConvVAE a config describes."""
-    return ConvVAE(latent_dim=int(cfg.latent_dim), channels=tuple(cfg.channels))
+    return ConvVAE(latent_dim=int(cfg.latent_dim), channels=tuple(cfg.channels),
+                   image_size=int(cfg.image_size), in_channels=int(cfg.in_channels))
 

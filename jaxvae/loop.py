@@ -15,6 +15,7 @@ import numpy as np
 from jaxvae import parallel
 from jaxvae.config import TrainConfig
 from jaxvae.errors import ConfigError, DataError
+from jaxvae.model import IMAGE_SIZES
 
 
 def fingerprint(images: np.ndarray, what: str = "training") -> str:
@@ -31,10 +32,40 @@ def fingerprint(images: np.ndarray, what: str = "training") -> str:
     return h.hexdigest()
 
 
+def _expected(cfg: TrainConfig, n: str) -> str:
+    s, c = cfg.image_size, cfg.in_channels
+    return f"({n}, {s}, {s})" if c == 1 else f"({n}, {s}, {s}, {c})"
+
+
+def check_image_shape(images, cfg: TrainConfig, what: str = "training", n: str = "N"):
+    """The slices as a numpy array shaped for cfg: (N, S, S) for one channel (a trailing
+    channel axis of 1 is dropped, so both forms are one run's data), else (N, S, S, C).
+
+    Raises:
+      ConfigError: well-formed slices of another size or channel count than the config's
+        image_size / in_channels (the run would train another model).
+      DataError: anything else that is not (N, S, S[, C]) slices.
+    """
+    s, c = cfg.image_size, cfg.in_channels
+    shape = getattr(images, "shape", None)
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    ok = isinstance(images, np.ndarray) and images.ndim in (3, 4)
+    if ok and images.shape[1:] == ((s, s) if c == 1 else (s, s, c)):
+        return images
+    if ok and images.shape[1] == images.shape[2] and images.shape[1] in IMAGE_SIZES:
+        got_c = 1 if images.ndim == 3 else images.shape[3]
+        raise ConfigError(f"{what} images are {images.shape[1]}x{images.shape[2]} with {got_c} "
+                          f"channel(s), but the run's config has image_size={s}, "
+                          f"in_channels={c}: pre-process the data to {s}x{s} with {c} "
+                          f"sequence(s), or set image_size={images.shape[1]}, "
+                          f"in_channels={got_c}")
+    raise DataError(f"{what} images must be a {_expected(cfg, n)} numpy array, got {shape}")
+
+
 def check_images(images, cfg: TrainConfig, n_devices: int) -> np.ndarray:
-    if not isinstance(images, np.ndarray) or images.ndim != 3 or images.shape[1:] != (64, 64):
-        shape = getattr(images, "shape", None)
-        raise DataError(f"training images must be a (N, 64, 64) numpy array, got {shape}")
+    """Training slices as float32, shaped by `check_image_shape`; at least one batch."""
+    images = check_image_shape(images, cfg)
     if images.dtype != np.float32:
         images = images.astype(np.float32)
     if images.shape[0] < cfg.batch_size:
@@ -44,14 +75,12 @@ def check_images(images, cfg: TrainConfig, n_devices: int) -> np.ndarray:
     return images
 
 
-def check_val_images(val_images) -> np.ndarray | None:
-    """The validation slices as float32, or None for none (None or 0 images)."""
+def check_val_images(val_images, cfg: TrainConfig | None = None) -> np.ndarray | None:
+    """The validation slices as float32, or None for none (None or 0 images); shaped as
+    `check_image_shape` (cfg None: the default 64x64 one-channel config)."""
     if val_images is None:
         return None
-    if not isinstance(val_images, np.ndarray) or val_images.ndim != 3 or \
-            val_images.shape[1:] != (64, 64):
-        shape = getattr(val_images, "shape", None)
-        raise DataError(f"validation images must be a (M, 64, 64) numpy array, got {shape}")
+    val_images = check_image_shape(val_images, cfg or TrainConfig(), "validation", "M")
     if val_images.shape[0] == 0:
         return None
     return val_images.astype(np.float32, copy=False)

@@ -5,6 +5,17 @@ from one encoder pass and at most one decoder pass: the rec and KL gradients wit
 the input are two VJPs of the same forward pass, and their encoder parts are computed as one
 batched VJP with the cotangents stacked. Because images are independent, the gradient of
 the batch *sum* of the per-image losses is every image's own gradient.
+
+Images of C channels (co-registered sequences; issue #15) give one (N, H, W) map per
+predictor, the channels reduced as follows. The likelihood factorises over channels, so a
+pixel's reconstruction terms add up: rec_error, rec_pos and combi's NLL factor are summed
+over channels. A gradient map is the sum over channels of |grad| (rec_grad, kl_grad,
+elbo_grad, elbo_grad_sum, combi's KL factor; rec_grad_pos sums the positive parts): the L1
+norm of the pixel's gradient vector, which, as the reconstruction sum, adds the evidence of
+each sequence rather than letting opposite signs in two sequences cancel (|sum_c g_c|
+would), and which a lesion visible in one sequence only still reaches. The channels are
+reduced before smoothing (smoothing is linear, so it is the same as after) and before
+combi's min-max. For C = 1 every map is exactly the single-channel map.
 """
 
 import functools
@@ -15,7 +26,7 @@ import jax.numpy as jnp
 
 from jaxvae import losses
 from jaxvae.errors import ConfigError
-from jaxvae.model import ConvVAE, decode, encode
+from jaxvae.model import ConvVAE, check_input, decode, encode
 
 PREDICTORS = ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi")
 # Not in the paper: one-signed maps for sequences whose lesions are hyperintense (FLAIR, T2).
@@ -127,8 +138,8 @@ def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_
     elif need_kl_grad:
         g_kl = enc_vjp((kl_mu, kl_ls))[0]
 
-    def to_map(a):  # (N, H, W, 1) -> (N, H, W)
-        return a[..., 0]
+    def to_map(a):  # (N, H, W, C) -> (N, H, W): the sum over channels (module docstring)
+        return a[..., 0] if a.shape[-1] == 1 else jnp.sum(a, axis=-1)
 
     if "rec_error" in want:
         out["rec_error"] = to_map(sq)
@@ -177,7 +188,7 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
     Args:
       model: the ConvVAE (static: its hyper-parameters select the compiled function).
       params: its parameters.
-      x: (N, 64, 64, 1) float32 pre-processed images.
+      x: (N, S, S, C) float32 pre-processed images (S and C those of the model).
       beta: weight of the KL term in elbo_grad (the beta of a beta-VAE).
       predictors: names among PREDICTORS, SIGNED_PREDICTORS and VARIANT_PREDICTORS (list,
         tuple or comma string); None = the paper's five (PREDICTORS).
@@ -196,7 +207,8 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
         combi. Off by default: jaxvae's KL is the correct one (README, method notes).
 
     Returns:
-      dict name -> (N, 64, 64) float32 map; larger means more anomalous.
+      dict name -> (N, S, S) float32 map, channels reduced as the module docstring says;
+      larger means more anomalous.
     """
     predictors = check_predictors(predictors)
     if n_samples < 0:
@@ -206,6 +218,7 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
     if key is None:
         key = jax.random.key(0)  # unused when n_samples == 0; keeps one compiled signature
     x = jnp.asarray(x)
+    check_input(model, x.shape)
     x = x.astype(jnp.result_type(x.dtype, jnp.float32))  # float32, or float64 under x64
     return _anomaly_maps(model, params, x, jnp.asarray(beta, x.dtype), key,
                          predictors=predictors, n_samples=int(n_samples),

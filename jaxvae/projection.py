@@ -5,6 +5,8 @@ E(x) = L_rec(x) + lam * ||x - x_0||_1 with Adam on the pixels of x, where L_rec 
 at z = mu(x) and differentiated *through* the VAE (encoder and decoder; unofficial ports
 that detach the reconstruction implement a weaker method). The anomaly map is the
 reconstruction error of the projected image against the input, (x_0 - decode(mu(x_T)))**2.
+Images of C channels are projected as a whole (E sums over channels), and both maps are
+summed over channels to (N, H, W), as the reconstruction terms of jaxvae.predictors.
 """
 
 import functools
@@ -15,7 +17,7 @@ import optax
 
 from jaxvae import losses
 from jaxvae.errors import ConfigError
-from jaxvae.model import ConvVAE, reconstruct
+from jaxvae.model import ConvVAE, check_input, reconstruct
 
 PROJECTION_MAPS = ("rec", "diff")
 
@@ -60,10 +62,13 @@ def adam_steps(model, params, x, state, x0, lam, lr, *, steps, unroll=1):
 
 @functools.partial(jax.jit, static_argnames=("model", "map_kind"))
 def projection_map(model, params, x, x0, *, map_kind="rec"):
-    """The anomaly map of projected images x against the inputs x0, (N, 64, 64)."""
+    """The anomaly map of projected images x against the inputs x0, (N, S, S): summed over
+    the C channels."""
     if map_kind == "rec":
-        return losses.squared_error(x0, reconstruct(model, params, x))[..., 0]
-    return jnp.abs(x0 - x)[..., 0]
+        m = losses.squared_error(x0, reconstruct(model, params, x))
+    else:
+        m = jnp.abs(x0 - x)
+    return m[..., 0] if m.shape[-1] == 1 else jnp.sum(m, axis=-1)
 
 
 def check_args(*, lam, steps, lr, map_kind):
@@ -85,7 +90,7 @@ def project(model: ConvVAE, params, x, *, lam=1.0, steps=100, lr=0.03, map_kind=
 
     Args:
       model, params: the trained ConvVAE and its parameters.
-      x: (N, 64, 64, 1) float32 images (x_0).
+      x: (N, S, S, C) float32 images (x_0).
       lam: weight of the L1 term keeping x close to x_0 (the paper gives no value).
       steps: number of Adam steps on x (the paper gives no value); 0 returns rec_error.
       lr: Adam learning rate (0.03 in the paper).
@@ -93,10 +98,11 @@ def project(model: ConvVAE, params, x, *, lam=1.0, steps=100, lr=0.03, map_kind=
       unroll: Adam steps per iteration of the compiled loop (see `adam_steps`).
 
     Returns:
-      (x_projected (N, 64, 64, 1), map (N, 64, 64)).
+      (x_projected (N, S, S, C), map (N, S, S), summed over channels).
     """
     check_args(lam=lam, steps=steps, lr=lr, map_kind=map_kind)
     x0 = jnp.asarray(x)
+    check_input(model, x0.shape)
     x0 = x0.astype(jnp.result_type(x0.dtype, jnp.float32))  # float32, or float64 under x64
     lam, lr = jnp.asarray(lam, x0.dtype), jnp.asarray(lr, x0.dtype)
     x, _ = adam_steps(model, params, x0, init(x0, lr), x0, lam, lr, steps=int(steps),

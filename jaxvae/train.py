@@ -131,7 +131,7 @@ def make_train_step(model: ConvVAE, *, lr: float, beta: float,
         which suits a backend).
 
     Returns:
-      train_step(params, opt_state, batch (B, 64, 64[, 1]) float32, key (a PRNG key or its
+      train_step(params, opt_state, batch (B, S, S[, C]) float32, key (a PRNG key or its
         raw uint32 key data)) ->
         (params, opt_state, {"loss", "rec", "kl"}: batch means of the per-image values).
     """
@@ -147,8 +147,10 @@ def make_train_step(model: ConvVAE, *, lr: float, beta: float,
         if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.wrap_key_data(key)  # raw uint32 key data, as fed by `train`
         x = batch[..., None] if batch.ndim == 3 else batch
-        if augment is not None:
-            x = augment_images(jax.random.fold_in(key, 0), x[..., 0], augment)[..., None]
+        if augment is not None:  # one channel: augmented as an (H, W) image, as before
+            one = x.shape[-1] == 1
+            x = augment_images(jax.random.fold_in(key, 0), x[..., 0] if one else x, augment)
+            x = x[..., None] if one else x
         n = x.shape[0]
         eps = jax.random.normal(jax.random.fold_in(key, 1), (n, model.latent_dim), x.dtype)
         size = chunk if 0 < chunk < n else n
@@ -211,7 +213,8 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
 
     Args:
       cfg: the run's TrainConfig; None with resume=True reads run_dir/config.json.
-      images: (N, 64, 64) float32 pre-processed slices, N >= batch_size. In a
+      images: (N, S, S) or (N, S, S, C) float32 pre-processed slices, N >= batch_size,
+        S = cfg.image_size and C = cfg.in_channels (a 3-d array for C = 1). In a
         multi-process job every process passes the same array (mmap is fine: each
         process reads only the rows of its devices).
       run_dir: output folder (config.json, metrics.jsonl, checkpoints/, loss.png), or None
@@ -226,7 +229,7 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
       mesh: device mesh (default: parallel.make_mesh(), all devices).
       policy: how the step runs on this machine (default: execution.current()); see
         `train_step_for`.
-      val_images: (M, 64, 64) float32 slices of held-out cases (any M; None or M = 0: no
+      val_images: (M, S, S[, C]) float32 slices of held-out cases (any M; None or M = 0: no
         validation). Every process passes the same array. Needed for cfg.patience > 0.
 
     Returns:
@@ -252,7 +255,7 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
     elif cfg is None:
         raise ConfigError("train needs a TrainConfig when run_dir is None")
     images = check_images(images, cfg, mesh.size)
-    val_images = check_val_images(val_images)
+    val_images = check_val_images(val_images, cfg)
     if cfg.patience and val_images is None:
         raise ConfigError(f"patience={cfg.patience} stops on the validation loss, but no "
                           f"validation images were given; pass val_images or set patience=0")
@@ -292,7 +295,7 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
         if reason is None:
             t0 = time.perf_counter()
             step_fn.lower(params, opt_state,
-                          jax.ShapeDtypeStruct((bsz, 64, 64), jnp.float32,
+                          jax.ShapeDtypeStruct((bsz, *images.shape[1:]), jnp.float32,
                                                sharding=parallel.batch_sharding(mesh)),
                           jax.ShapeDtypeStruct(jax.random.key_data(base_key).shape, jnp.uint32,
                                                sharding=parallel.replicated(mesh))).compile()

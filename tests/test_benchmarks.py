@@ -252,3 +252,66 @@ def test_torch_combi_normalises_per_group_as_jax(slice_model, phantom_x, n, grou
     ref = jaxvae.anomaly_maps(model, params, x, predictors=["combi"], combi_group=group)
     kw = {} if group == tr.COMBI_GROUP else {"combi_group": group}
     _scale_close(tr.predictor(tmodel, tr.to_torch(x), "combi", **kw), ref["combi"])
+
+
+# ---- 128x128 and several channels (issue #15) -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wide_slices():
+    """8 phantom slices at 128x128 with 2 channels (T2, FLAIR) and a model trained on them."""
+    inputs = agreement.agreement_inputs(8, shared_data=None, log=lambda *_: None,
+                                        image_size=128, in_channels=2)
+    x = np.asarray(inputs["phantom"][0])
+    model = jaxvae.ConvVAE(latent_dim=16, image_size=128, in_channels=2)
+    params = jaxvae.init_params(model, jax.random.key(0))
+    init, step = harness.make_jax_train_step(model, lr=1e-3)
+    step, state = jax.jit(step), init(params)
+    for i in range(5):
+        params, state, _ = step(params, state, jnp.asarray(x), jax.random.key(1), i)
+    return model, params, x
+
+
+def test_agreement_inputs_at_128_with_two_channels(wide_slices):
+    x = wide_slices[2]
+    assert x.shape == (8, 128, 128, 2) and x.dtype == np.float32
+    assert not np.allclose(x[..., 0], x[..., 1])  # two sequences, not one copied
+    # one brain mask for both channels: the same background, exactly 0 in each
+    np.testing.assert_array_equal(x[..., 0] == 0, x[..., 1] == 0)
+    assert np.all((x == 0).mean(axis=(1, 2, 3)) > 0.3)
+
+
+def test_jax_equals_torch_reference_at_128_with_two_channels(wide_slices):
+    model, params, x = wide_slices
+    tr, tmodel = _torch_model(model, params)
+    assert tr.convert_params(params, tuple(model.channels), 128)["dec_convs.4.weight"].shape == (
+        16, 2, 4, 4)
+    ops = (*CHECKED, "grad_maps_fused", "train_step")
+    errs = agreement.check_agreement(model, params, tr, tmodel, {"phantom": x}, ops=ops,
+                                     **AGREE_KW)
+    assert {f"phantom/{k}" for k in CHECKED} <= set(errs) and max(errs.values()) <= 1e-4, errs
+    other = jaxvae.init_params(model, jax.random.key(7))
+    with pytest.raises(agreement.AgreementError, match="disagrees"):
+        agreement.check_agreement(model, other, tr, tmodel, x, ops=("rec_grad",), **AGREE_KW)
+
+
+def test_jax_equals_torch_reference_on_real_two_sequence_slices(wide_slices, shared_data):
+    model, params, _ = wide_slices
+    tr, tmodel = _torch_model(model, params)
+    inputs = agreement.agreement_inputs(4, shared_data=shared_data, log=lambda *_: None,
+                                        image_size=128, in_channels=2)
+    assert "(flair, t1)" in inputs["real"][1]
+    x = np.asarray(inputs["real"][0])
+    assert x.shape == (4, 128, 128, 2)
+    errs = agreement.check_agreement(model, params, tr, tmodel, {"real": x}, ops=CHECKED,
+                                     **AGREE_KW)
+    assert max(errs.values()) <= 1e-4, errs
+
+
+def test_flop_count_at_128_and_with_channels():
+    base = timing.model_macs(jaxvae.ConvVAE())
+    big = timing.model_macs(jaxvae.ConvVAE(image_size=128, in_channels=2))
+    # the extra 128->64 stage (16 -> 16 channels, 16 taps down / 4 up per output pixel) and
+    # 2 input / output channels on the outer stages
+    assert big["E"] == base["E"] - 32**2 * 16 * 16 + 64**2 * 16 * 16 * 2 + 32**2 * 16 * 16 * 16
+    assert big["D"] == base["D"] - 64**2 * 1 * 4 * 16 + 64**2 * 16 * 4 * 16 + 128**2 * 2 * 4 * 16
+    assert big["E1"] == 64**2 * 16 * 16 * 2

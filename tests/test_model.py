@@ -19,6 +19,40 @@ def test_parameter_count_matches_reference_architecture(latent):
     assert _count(params) == 2 * convs + head
 
 
+# The 64x64x1 model's parameter tree (names and kernel shapes) as of every release before
+# issue #15, for a latent_dim: a checkpoint saved then must still load and score.
+def _frozen_64_tree(latent):
+    convs = {"enc_convs_0": (4, 4, 1, 16), "enc_convs_1": (4, 4, 16, 32),
+             "enc_convs_2": (4, 4, 32, 64), "enc_convs_3": (4, 4, 64, 256),
+             "dec_convs_0": (4, 4, 256, 64), "dec_convs_1": (4, 4, 64, 32),
+             "dec_convs_2": (4, 4, 32, 16), "dec_convs_3": (4, 4, 16, 1)}
+    heads = {"enc_head": (4 * 4 * 256, 2 * latent), "dec_head": (latent, 4 * 4 * 256)}
+    return {k: {"kernel": v} for k, v in {**convs, **heads}.items()}
+
+
+@pytest.mark.parametrize("latent", [32, 256])
+def test_the_64_model_parameter_tree_is_unchanged(latent):
+    for model in (jaxvae.ConvVAE(latent_dim=latent),
+                  jaxvae.ConvVAE(latent_dim=latent, image_size=64, in_channels=1)):
+        shapes = jax.eval_shape(lambda m=model: jaxvae.init_params(m, jax.random.key(0)))
+        assert jax.tree_util.tree_map(lambda a: a.shape, shapes) == _frozen_64_tree(latent)
+
+
+def test_128_and_multichannel_parameter_counts():
+    def count(**kw):
+        return _count(jax.eval_shape(lambda: jaxvae.init_params(jaxvae.ConvVAE(**kw),
+                                                                jax.random.key(0))))
+    base = count(latent_dim=256)
+    # 128: one more 16 -> 16 stage each way; C channels: C x the first and last kernels
+    assert count(latent_dim=256, image_size=128) == base + 2 * 16 * 16 * 16
+    assert count(latent_dim=256, in_channels=2) == base + 2 * 16 * 16
+    assert count(latent_dim=256, image_size=128, in_channels=3) == base + 2 * 16 * 16 * (16 + 2)
+    with pytest.raises(jaxvae.ConfigError, match="64, 128"):
+        jaxvae.ConvVAE(image_size=32)
+    with pytest.raises(jaxvae.ConfigError, match="4 positive ints"):
+        jaxvae.ConvVAE(channels=(16, 32, 64))
+
+
 def test_encode_decode_shapes():
     model = jaxvae.ConvVAE(latent_dim=32)
     params = jaxvae.init_params(model, jax.random.key(0))
@@ -55,11 +89,12 @@ class _FlaxLayersVAE(jaxvae.ConvVAE):
     def setup(self):
         import flax.linen as nn
         kw = dict(kernel_size=(4, 4), strides=(2, 2), use_bias=False)
-        self.enc_convs = [nn.Conv(c, padding=((1, 1), (1, 1)), **kw) for c in self.channels]
+        ch = self.stage_channels
+        self.enc_convs = [nn.Conv(c, padding=((1, 1), (1, 1)), **kw) for c in ch]
         self.enc_head = nn.Dense(2 * self.latent_dim, use_bias=False)
-        self.dec_head = nn.Dense(self._bottom**2 * self.channels[-1], use_bias=False)
+        self.dec_head = nn.Dense(self._bottom**2 * ch[-1], use_bias=False)
         self.dec_convs = [nn.ConvTranspose(c, padding=((2, 2), (2, 2)), **kw)
-                          for c in [*self.channels[-2::-1], 1]]
+                          for c in [*ch[-2::-1], self.in_channels]]
 
 
 def _loss(model, params, x):
@@ -68,14 +103,19 @@ def _loss(model, params, x):
 
 
 @pytest.mark.parametrize("impl", ["lax", "s2d", "cpu_inference"])
-def test_conv_impls_equal_flax_conv_layers(impl):
-    ref_model = _FlaxLayersVAE(latent_dim=32)
-    model = jaxvae.ConvVAE(latent_dim=32, conv_impl=impl)
+@pytest.mark.parametrize("size, c", [(64, 1), (128, 2)])
+def test_conv_impls_equal_flax_conv_layers(impl, size, c):
+    # (128, 2): cpu_inference picks its per-layer forms by the input channels (2, 16...)
+    kw = dict(latent_dim=32, image_size=size, in_channels=c)
+    if size != 64:
+        kw["channels"] = (8, 16, 16, 32)  # small widths: the stages are under test
+    ref_model = _FlaxLayersVAE(**kw)
+    model = jaxvae.ConvVAE(**kw, conv_impl=impl)
     ref = jaxvae.init_params(ref_model, jax.random.key(3))
     params = jaxvae.init_params(model, jax.random.key(3))
     # same names, shapes and initial values: checkpoints are interchangeable
     jax.tree_util.tree_map(np.testing.assert_array_equal, ref, params)
-    x = jax.random.normal(jax.random.key(4), (3, 64, 64, 1))
+    x = jax.random.normal(jax.random.key(4), (3, size, size, c))
     with jax.enable_x64(True):  # float64: no LeakyReLU branch flips from rounding
         p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
         x64 = jnp.asarray(x, jnp.float64)

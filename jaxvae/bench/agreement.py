@@ -21,6 +21,7 @@ from jaxvae.predictors import GRADIENT_MAPS, PREDICTORS
 # real scans beside the repository (../shared/data/README.md); absent on most machines
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 REAL_AGREEMENT_DATA = ("brats2018_flair", "flair")  # (folder, modality): its first case
+REAL_MODALITIES = ("flair", "t1")  # the channels of a C-channel check, cycled
 
 
 class AgreementError(RuntimeError):
@@ -37,13 +38,16 @@ def _spread(n_total: int, n: int) -> np.ndarray:
     return np.unique(np.minimum(((np.arange(n) + 0.5) * n_total / n).astype(int), n_total - 1))
 
 
-@functools.lru_cache(maxsize=2)
-def _phantom_slices(seed: int) -> np.ndarray:
-    """All pre-processed (S, 64, 64) slices of phantom case `seed` (a tumour case, T2).
+@functools.lru_cache(maxsize=4)
+def _phantom_slices(seed: int, size: int = 64, in_channels: int = 1) -> np.ndarray:
+    """All pre-processed (S, size, size[, C]) slices of phantom case `seed` (a tumour case).
 
     The volume is reoriented to RAS as `jaxvae.data.nifti.load_volume` does with the file
     the phantom writer would save (BraTS affine), then goes through `preprocess_volume` with
-    the default `PreprocessParams`, as `jaxvae.score.score_volume` and `load_slices` do.
+    `PreprocessParams(size=size)`, as `jaxvae.score.score_volume` and `load_slices` do. One
+    channel is the T2 rendering; C channels cycle through the phantom's co-registered
+    renderings (T2, FLAIR, ...), each normalised on its own over the phantom's brain mask,
+    so every channel keeps the same slices.
     """
     from nibabel.orientations import (
         apply_orientation,
@@ -55,51 +59,78 @@ def _phantom_slices(seed: int) -> np.ndarray:
     from jaxvae.data import phantom
     from jaxvae.data.preprocess import PreprocessParams, preprocess_volume
 
-    case = phantom.make_case(seed, lesion_kinds=("tumour",))
-    ras = apply_orientation(case.image, ornt_transform(io_orientation(case.affine),
-                                                       axcodes2ornt("RAS")))
-    images, _, _, _ = preprocess_volume(np.ascontiguousarray(ras), PreprocessParams(),
-                                        name=f"phantom case {seed}")
+    def ras(a):
+        return np.ascontiguousarray(apply_orientation(a, ornt_transform(
+            io_orientation(case.affine), axcodes2ornt("RAS"))))
+
+    params, chans = PreprocessParams(size=size), []
+    for c in range(in_channels):
+        m = phantom.MODALITIES[c % len(phantom.MODALITIES)]
+        case = phantom.make_case(seed, lesion_kinds=("tumour",), modality=m)
+        mask = None if in_channels == 1 else ras(case.brain)
+        chans.append(preprocess_volume(ras(case.image), params, mask,
+                                       name=f"phantom case {seed} ({m})")[0])
+    images = chans[0] if in_channels == 1 else np.stack(chans, axis=-1)
     images.setflags(write=False)
     return images
 
 
-def _real_slices(root: Path):
-    """(all pre-processed slices, case id) of the first case of REAL_AGREEMENT_DATA."""
+def _real_slices(root: Path, size: int = 64, in_channels: int = 1):
+    """(all pre-processed slices, description) of the first case of REAL_AGREEMENT_DATA.
+
+    One channel: FLAIR through `load_slices`. C channels cycle through REAL_MODALITIES
+    (co-registered in that folder), each normalised on its own over the first one's brain.
+    """
+    from jaxvae.data import nifti
     from jaxvae.data.datasets import find_brats_cases, load_slices
+    from jaxvae.data.preprocess import PreprocessParams, brain_mask, preprocess_volume
 
     folder, modality = REAL_AGREEMENT_DATA
+    params = PreprocessParams(size=size)
     case = find_brats_cases(root / folder, modality)[0]
-    return load_slices([case]).images, f"{folder}/{case.case_id} ({modality})"
+    if in_channels == 1:
+        return load_slices([case], params).images, f"{folder}/{case.case_id} ({modality})"
+    mods = [REAL_MODALITIES[c % len(REAL_MODALITIES)] for c in range(in_channels)]
+    vols = [nifti.load_volume(find_brats_cases(root / folder / case.case_id, m)[0].image_path)
+            .data for m in mods]
+    brain = brain_mask(vols[0])
+    images = np.stack([preprocess_volume(v, params, brain)[0] for v in vols], axis=-1)
+    return images, f"{folder}/{case.case_id} ({', '.join(mods)})"
 
 
-def agreement_inputs(n: int = 8, seed: int = 0, shared_data=SHARED_DATA, log=print) -> dict:
-    """Realistic batches for `check_agreement`: name -> ((n, 64, 64, 1) float32, description).
+def agreement_inputs(n: int = 8, seed: int = 0, shared_data=SHARED_DATA, log=print, *,
+                     image_size: int = 64, in_channels: int = 1) -> dict:
+    """Realistic batches for `check_agreement`: name -> ((n, S, S, C) float32, description).
 
     "phantom": n slices spread over the brain of phantom case `seed` (always present).
-    "real": n slices spread over the first case of ../shared/data/brats2018_flair (FLAIR),
-    pre-processed by `jaxvae.data.datasets.load_slices`; left out, with a log line, where that
-    folder is absent or unreadable. Both are what scoring feeds the model: z-scored brain,
-    clipped to +-1.5, background exactly 0 (every slice keeps background and brain).
+    "real": n slices spread over the first case of ../shared/data/brats2018_flair (FLAIR;
+    FLAIR, T1, ... for C channels), pre-processed as `jaxvae.data.datasets.load_slices`
+    does; left out, with a log line, where that folder is absent or unreadable. Both are
+    what scoring feeds the model: z-scored brain, clipped to +-1.5, background exactly 0
+    (every slice keeps background and brain). S = image_size, C = in_channels.
     """
+    def batch(images):
+        idx = _spread(len(images), n)
+        x = images[idx] if images.ndim == 4 else images[idx][..., None]
+        return jnp.asarray(x), idx
+
     out = {}
-    images = _phantom_slices(seed)
-    idx = _spread(len(images), n)
-    out["phantom"] = (jnp.asarray(images[idx][..., None]),
-                      f"phantom case {seed} (tumour, T2), slices {idx.tolist()} of {len(images)}")
+    images = _phantom_slices(seed, image_size, in_channels)
+    x, idx = batch(images)
+    out["phantom"] = (x, f"phantom case {seed} (tumour, {image_size}x{image_size}, "
+                         f"{in_channels} channel(s)), slices {idx.tolist()} of {len(images)}")
     root = Path(shared_data) if shared_data is not None else None
     if root is None or not (root / REAL_AGREEMENT_DATA[0]).is_dir():
         log(f"agreement: no real slices ({root} has no {REAL_AGREEMENT_DATA[0]}/); "
             "phantom slices only")
         return out
     try:
-        images, what = _real_slices(root)
+        images, what = _real_slices(root, image_size, in_channels)
     except DataError as e:
         log(f"agreement: real slices skipped ({e})")
         return out
-    idx = _spread(len(images), n)
-    out["real"] = (jnp.asarray(images[idx][..., None]),
-                   f"{what}, slices {idx.tolist()} of {len(images)}")
+    x, idx = batch(images)
+    out["real"] = (x, f"{what}, slices {idx.tolist()} of {len(images)}")
     return out
 
 
@@ -107,7 +138,7 @@ def check_agreement(model, params, tr, tmodel, x=None, *, ops, beta, sigma, step
                     tol=1e-4) -> dict:
     """Max |jax - torch| / max |jax| for every map the timed ops produce; raises on > tol.
 
-    x: one (N, 64, 64, 1) batch (keys are the map names), a dict name -> batch (keys
+    x: one (N, S, S, C) batch (keys are the map names), a dict name -> batch (keys
     "name/map"), or None for `agreement_inputs(8)`: phantom slices and, where
     ../shared/data exists, real ones. Realistic inputs matter (issue #16): pre-processed
     slices have an exact-zero background and the convolutions have no bias, so every
@@ -123,7 +154,9 @@ def check_agreement(model, params, tr, tmodel, x=None, *, ops, beta, sigma, step
     maps themselves; timings later use each framework's defaults.
     """
     if x is None:
-        x = {k: v[0] for k, v in agreement_inputs(log=lambda *_: None).items()}
+        x = {k: v[0] for k, v in agreement_inputs(
+            log=lambda *_: None, image_size=model.image_size,
+            in_channels=model.in_channels).items()}
     batches = x if isinstance(x, dict) else {"": x}
     errs = {}
     for name, xb in batches.items():

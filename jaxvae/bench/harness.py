@@ -45,6 +45,7 @@ from jaxvae.bench.timing import (
 )
 from jaxvae.convs import CONV_IMPLS
 from jaxvae.io import write_text
+from jaxvae.model import IMAGE_SIZES
 from jaxvae.predictors import GRADIENT_MAPS, PREDICTORS, smooth
 
 OPS = ("grad_maps_fused", "grad_maps_naive", "rec_error", "rec_grad", "kl_grad", "elbo_grad",
@@ -70,7 +71,9 @@ def _naive_grad_fns(model, beta, sigma):
         return rec(params, x) + beta * kl(params, x)
 
     def as_map(loss):
-        return lambda p, x: smooth(jnp.abs(jax.grad(loss, argnums=1)(p, x))[..., 0], sigma)
+        # the sum over channels of |grad|, as jaxvae.predictors
+        return lambda p, x: smooth(jnp.sum(jnp.abs(jax.grad(loss, argnums=1)(p, x)), -1),
+                                   sigma)
 
     return {"rec_grad": as_map(rec), "kl_grad": as_map(kl), "elbo_grad": as_map(elbo)}
 
@@ -180,7 +183,8 @@ def torch_case(op, tr, tmodel, xt, *, beta, sigma, steps, lam, lr, variant=None,
 # ---- the run --------------------------------------------------------------------------------
 
 def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, out=None, *,
-        md=None, latent_dim=256, conv_impl="auto", beta=1.0, sigma=3.0, projection_steps=100,
+        md=None, latent_dim=256, image_size=64, in_channels=1, conv_impl="auto", beta=1.0,
+        sigma=3.0, projection_steps=100,
         lam=1.0, lr=0.03,
         min_sample_s=0.05, budget_s=30.0, check=True, seed=0, peak_n=None, torch_threads=None,
         log=print) -> dict:
@@ -195,6 +199,8 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
         and out is given, as OUT with suffix .md); None writes nothing.
       md: path of the markdown table (optional).
       latent_dim, beta, sigma: model size, KL weight, map smoothing.
+      image_size, in_channels: the ConvVAE's image size (64 or 128) and channels; timed
+        and agreement images are (batch, image_size, image_size, in_channels).
       conv_impl: "auto" = the execution policy's convolution forms (execution.current());
         "lax", "s2d" or "cpu_inference" = that form for training and scoring alike.
       projection_steps, lam, lr: the projection's Adam steps, L1 weight, learning rate.
@@ -218,7 +224,8 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
     fws = [f for f in frameworks if f == "jax" or (f == "torch" and torch is not None)]
     report = {"machine": machine_info(torch), "settings": dict(
         batch_sizes=list(batch_sizes), ops=list(ops), frameworks=fws, repeats=repeats,
-        latent_dim=latent_dim, conv_impl=conv_impl, beta=beta, sigma=sigma,
+        latent_dim=latent_dim, image_size=image_size, in_channels=in_channels,
+        conv_impl=conv_impl, beta=beta, sigma=sigma,
         projection_steps=projection_steps,
         lam=lam, lr=lr, train_step="jaxvae.train.make_train_step (adam 1e-4, no augmentation)",
         flops="analytic useful FLOPs (jaxvae.bench.timing.op_flops); xla_mflop_per_image is "
@@ -228,7 +235,9 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
     if conv_impl != "auto":
         policy = dataclasses.replace(policy, train_conv=conv_impl, inference_conv=conv_impl)
     report["settings"]["policy"] = dataclasses.asdict(policy)
-    model = jaxvae.ConvVAE(latent_dim=latent_dim)  # the plain form; the policy picks its own
+    # the plain form; the policy picks its own
+    model = jaxvae.ConvVAE(latent_dim=latent_dim, image_size=image_size,
+                           in_channels=in_channels)
     # one compiled init: eager Flax init compiles each initializer separately (~10 s)
     params = jax.jit(jaxvae.init_params, static_argnums=0)(model, jax.random.key(seed))
     macs = model_macs(model)
@@ -240,7 +249,8 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
     if torch is not None:
         tmodel = tr.from_flax(model, params, tdev).eval().requires_grad_(False)
         if check:
-            inputs = agreement_inputs(min(8, min(batch_sizes)), seed, log=log)
+            inputs = agreement_inputs(min(8, min(batch_sizes)), seed, log=log,
+                                      image_size=image_size, in_channels=in_channels)
             report["agreement_inputs"] = {k: v[1] for k, v in inputs.items()}
             report["agreement"] = check_agreement(model, params, tr, tmodel,
                                                   {k: v[0] for k, v in inputs.items()},
@@ -248,11 +258,12 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
             log(f"torch == jax on {', '.join(inputs)} slices: max relative error "
                 f"{max(report['agreement'].values()):.2e}")
     if torch is not None and tdev == "cpu":
-        _pick_torch_threads(report, tr, tmodel, tr.to_torch(_images(batch_sizes[0], seed)),
+        _pick_torch_threads(report, tr, tmodel, tr.to_torch(_images(batch_sizes[0], seed,
+                                                                    model)),
                             kw, torch_threads, log)
     rows, variants = [], []
     for bs in batch_sizes:
-        x = _images(bs, seed)
+        x = _images(bs, seed, model)
         xt = tr.to_torch(x, tdev) if torch is not None else None
         for op in ops:
             cases = {}
@@ -302,13 +313,14 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
     return report
 
 
-def _images(n, seed):
+def _images(n, seed, model):
     """n timed images in the pre-processed range (z-scored, clipped to +-1.5).
 
     Random, so the timing does not depend on data files; the agreement check uses real
     pre-processed slices instead (`agreement_inputs`).
     """
-    x = jax.random.normal(jax.random.key(seed + 1), (n, 64, 64, 1)) * 0.7
+    shape = (n, model.image_size, model.image_size, model.in_channels)
+    x = jax.random.normal(jax.random.key(seed + 1), shape) * 0.7
     return jnp.clip(x, -1.5, 1.5)
 
 
@@ -346,6 +358,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--projection-steps", type=int, default=100)
     p.add_argument("--latent-dim", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=64, choices=IMAGE_SIZES,
+                   help="slice size of the model and the timed images (default 64)")
+    p.add_argument("--in-channels", type=int, default=1,
+                   help="image channels (co-registered sequences; default 1)")
     p.add_argument("--conv-impl", default="auto", choices=("auto", *CONV_IMPLS),
                    help="JAX convolution form (default: auto, the execution policy's forms)")
     p.add_argument("--budget-s", type=float, default=30.0,
@@ -357,7 +373,8 @@ def main(argv=None) -> int:
     p.add_argument("--md", help="markdown table path (default: --out with suffix .md)")
     a = p.parse_args(argv)
     report = run(a.batch_sizes, tuple(a.ops), tuple(a.frameworks), a.repeats, a.out, md=a.md,
-                 latent_dim=a.latent_dim, conv_impl=a.conv_impl,
+                 latent_dim=a.latent_dim, image_size=a.image_size,
+                 in_channels=a.in_channels, conv_impl=a.conv_impl,
                  projection_steps=a.projection_steps, budget_s=a.budget_s,
                  check=not a.no_check, torch_threads=a.torch_threads)
     print(report["markdown"])

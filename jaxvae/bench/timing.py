@@ -19,17 +19,17 @@ from jaxvae import execution
 
 def model_macs(model) -> dict:
     """Useful multiply-adds per image of the encoder (E), decoder (D), first conv (E1)."""
-    s, ch, lat = model.image_size, list(model.channels), model.latent_dim
-    enc, dec, cin = 0, 0, 1
+    s, ch, lat = model.image_size, list(model.stage_channels), model.latent_dim
+    enc, dec, cin = 0, 0, model.in_channels
     for c in ch:  # k4 s2 conv: 16 taps per output pixel
         s //= 2
         enc += s * s * c * 16 * cin
         cin = c
-    first = (model.image_size // 2) ** 2 * ch[0] * 16
+    first = (model.image_size // 2) ** 2 * ch[0] * 16 * model.in_channels
     flat = s * s * ch[-1]
     enc += flat * 2 * lat
     dec += lat * flat
-    for c in [*ch[-2::-1], 1]:  # k4 s2 transposed conv: 4 useful taps per output pixel
+    for c in [*ch[-2::-1], model.in_channels]:  # k4 s2 transposed conv: 4 useful taps
         s *= 2
         dec += s * s * c * 4 * cin
         cin = c

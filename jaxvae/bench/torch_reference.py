@@ -13,6 +13,10 @@ tests/test_benchmarks.py):
                 (Flax correlates the dilated input with the kernel, torch with its flip)
   enc Dense     Flax (h*w*c, 2l) rows in (h, w, c) order -> torch Linear (2l, c*h*w)
   dec Dense     Flax (l, h*w*c) cols in (h, w, c) order -> torch Linear (c*h*w, l)
+
+Images of C channels and 128x128 images follow jaxvae.model.ConvVAE (one more stage of
+channels[0] features in front at 128) and the maps reduce the channels as
+jaxvae.predictors does: reconstruction terms and |grad| summed over channels.
 """
 
 import math
@@ -27,28 +31,34 @@ COMBI_GROUP = 64  # as jaxvae.predictors.COMBI_GROUP: the reference code's loade
 GRAD_MAP_VARIANTS = ("naive", "retain_graph", "fwd1_bwd2", "batched_vjp")
 
 
+def stage_channels(channels=(16, 32, 64, 256), image_size=64) -> tuple[int, ...]:
+    """Encoder stage widths of jaxvae.model.ConvVAE (its `stage_channels`)."""
+    return (channels[0],) * {64: 0, 128: 1}[image_size] + tuple(channels)
+
+
 class TorchConvVAE(nn.Module):
     """The ConvVAE of jaxvae.model in PyTorch (NCHW, no biases, LeakyReLU 0.01)."""
 
-    def __init__(self, latent_dim=256, channels=(16, 32, 64, 256), image_size=64):
+    def __init__(self, latent_dim=256, channels=(16, 32, 64, 256), image_size=64,
+                 in_channels=1):
         super().__init__()
         self.latent_dim = latent_dim
-        self.channels = tuple(channels)
-        self.bottom = image_size // 2 ** len(channels)
-        cin = [1, *self.channels[:-1]]
+        self.channels = stage_channels(channels, image_size)
+        self.bottom = image_size // 2 ** len(self.channels)
+        cin = [in_channels, *self.channels[:-1]]
         self.enc_convs = nn.ModuleList(
             nn.Conv2d(i, o, 4, stride=2, padding=1, bias=False)
-            for i, o in zip(cin, channels, strict=True))
+            for i, o in zip(cin, self.channels, strict=True))
         flat = self.bottom**2 * self.channels[-1]
         self.enc_head = nn.Linear(flat, 2 * latent_dim, bias=False)
         self.dec_head = nn.Linear(latent_dim, flat, bias=False)
-        dec = [*self.channels[-2::-1], 1]
+        dec = [*self.channels[-2::-1], in_channels]
         self.dec_convs = nn.ModuleList(
             nn.ConvTranspose2d(i, o, 4, stride=2, padding=1, bias=False)
             for i, o in zip([self.channels[-1], *dec[:-1]], dec, strict=True))
 
     def encode(self, x):
-        """(N, 1, 64, 64) -> (mu, log_sigma), each (N, latent_dim)."""
+        """(N, C, S, S) -> (mu, log_sigma), each (N, latent_dim)."""
         h = x
         for conv in self.enc_convs:
             h = F.leaky_relu(conv(h), 0.01)
@@ -56,7 +66,7 @@ class TorchConvVAE(nn.Module):
         return mu, log_sigma
 
     def decode(self, z):
-        """(N, latent_dim) -> (N, 1, 64, 64)."""
+        """(N, latent_dim) -> (N, C, S, S)."""
         h = F.leaky_relu(self.dec_head(z), 0.01)
         h = h.view(z.shape[0], self.channels[-1], self.bottom, self.bottom)
         for i, conv in enumerate(self.dec_convs):
@@ -72,7 +82,10 @@ class TorchConvVAE(nn.Module):
 
 
 def convert_params(params, channels=(16, 32, 64, 256), image_size=64) -> dict:
-    """Flax ConvVAE params (pytree of arrays) -> a TorchConvVAE state_dict (float32 tensors)."""
+    """Flax ConvVAE params (pytree of arrays) -> a TorchConvVAE state_dict (float32 tensors).
+
+    channels: the model's four `channels` (the 64 model's); image_size: 64 or 128."""
+    channels = stage_channels(channels, image_size)
     b = image_size // 2 ** len(channels)
     c = channels[-1]
     t = lambda a: torch.from_numpy(np.array(a, np.float32))  # a writable copy
@@ -91,7 +104,8 @@ def convert_params(params, channels=(16, 32, 64, 256), image_size=64) -> dict:
 
 def from_flax(model, params, device="cpu") -> TorchConvVAE:
     """A TorchConvVAE with the hyper-parameters and weights of a Flax ConvVAE + params."""
-    tm = TorchConvVAE(model.latent_dim, tuple(model.channels), model.image_size)
+    tm = TorchConvVAE(model.latent_dim, tuple(model.channels), model.image_size,
+                      model.in_channels)
     tm.load_state_dict(convert_params(params, tuple(model.channels), model.image_size))
     return tm.to(device)
 
@@ -129,6 +143,11 @@ def smooth(maps, sigma=3.0):
     return F.conv2d(maps, k.view(1, 1, 1, -1), padding=(0, r))
 
 
+def _abs_sum(g):
+    """(N, C, H, W) gradient -> (N, 1, H, W) sum over channels of |g| (jaxvae.predictors)."""
+    return g.abs().sum(1, keepdim=True)
+
+
 def _rec_sum(model, x, mu):
     return rec_nll(x, model.decode(mu)).sum()
 
@@ -138,7 +157,7 @@ def _grad(loss, x, retain=False):
 
 
 def grad_maps(model, x, beta=1.0, sigma=3.0, variant="fwd1_bwd2") -> dict:
-    """rec_grad, kl_grad, elbo_grad maps of (N, 1, H, W) images, (N, H, W) each.
+    """rec_grad, kl_grad, elbo_grad maps of (N, C, H, W) images, (N, H, W) each.
 
     Variants (all compute the same maps):
       naive         three independent forward + backward passes
@@ -176,7 +195,7 @@ def grad_maps(model, x, beta=1.0, sigma=3.0, variant="fwd1_bwd2") -> dict:
         g_elbo = g_rec + beta * g_kl
     else:
         raise ValueError(f"unknown variant {variant!r}; choose from {GRAD_MAP_VARIANTS}")
-    return {k: smooth(v.abs(), sigma)[:, 0] for k, v in
+    return {k: smooth(_abs_sum(v), sigma)[:, 0] for k, v in
             (("rec_grad", g_rec), ("kl_grad", g_kl), ("elbo_grad", g_elbo))}
 
 
@@ -200,7 +219,7 @@ def predictor(model, x, name, beta=1.0, sigma=3.0, combi_group=COMBI_GROUP):
     """
     if name == "rec_error":
         with torch.no_grad():
-            return ((x - model.decode(model.encode(x)[0])) ** 2)[:, 0]
+            return ((x - model.decode(model.encode(x)[0])) ** 2).sum(1)
     x = x.detach().requires_grad_(True)
     mu, ls = model.encode(x)
     if name == "rec_grad":
@@ -210,13 +229,13 @@ def predictor(model, x, name, beta=1.0, sigma=3.0, combi_group=COMBI_GROUP):
     elif name == "elbo_grad":
         g = _grad(_rec_sum(model, x, mu) + beta * kl_divergence(mu, ls).sum(), x)
     elif name == "combi":
-        g_kl = _grad(kl_divergence(mu, ls).sum(), x).abs()
+        g_kl = _abs_sum(_grad(kl_divergence(mu, ls).sum(), x))
         with torch.no_grad():
-            nll = rec_nll(x, model.decode(mu))
+            nll = rec_nll(x, model.decode(mu)).sum(1, keepdim=True)
             return (smooth(minmax_groups(g_kl, combi_group), sigma) * nll)[:, 0]
     else:
         raise ValueError(f"unknown predictor {name!r}")
-    return smooth(g.abs(), sigma)[:, 0]
+    return smooth(_abs_sum(g), sigma)[:, 0]
 
 
 def project(model, x0, lam=1.0, steps=100, lr=0.03):
@@ -231,7 +250,7 @@ def project(model, x0, lam=1.0, steps=100, lr=0.03):
         energy.backward()
         opt.step()
     with torch.no_grad():
-        return x.detach(), ((x0 - model.decode(model.encode(x)[0])) ** 2)[:, 0]
+        return x.detach(), ((x0 - model.decode(model.encode(x)[0])) ** 2).sum(1)
 
 
 def elbo_loss(model, x, eps, beta=1.0):

@@ -29,20 +29,22 @@ from jaxvae.train import init_state, step_keys, train_step_for
 
 
 def bench_batch(batch_size: int, *, steps: int, repeats: int, warmup: int, augment: bool,
-                latent_dim: int, mesh) -> dict:
+                latent_dim: int, mesh, image_size: int = 64, in_channels: int = 1) -> dict:
     """Time the train step at one batch size.
 
     Returns:
       dict with batch_size, compile_s, step_ms (median), images_per_s (step alone) and
       images_per_s_loop (with host-side batch assembly, as in `train`).
     """
-    cfg = TrainConfig(batch_size=batch_size, latent_dim=latent_dim, augment=augment)
+    cfg = TrainConfig(batch_size=batch_size, latent_dim=latent_dim, augment=augment,
+                      image_size=image_size, in_channels=in_channels)
     parallel.check_batch_size(batch_size, mesh)
     step = train_step_for(cfg, mesh)
     params, opt_state = parallel.replicate(init_state(cfg), mesh)
     keys = step_keys(jax.random.key(0), 0, steps)
     rng = np.random.default_rng(0)
-    images = rng.normal(size=(4 * batch_size, 64, 64)).astype(np.float32)
+    shape = (image_size, image_size) + ((in_channels,) if in_channels > 1 else ())
+    images = rng.normal(size=(4 * batch_size, *shape)).astype(np.float32)
     batches = [parallel.shard_batch(images[i * batch_size:(i + 1) * batch_size], mesh)
                for i in range(4)]
     key_arrays = [parallel.replicate(k, mesh) for k in keys]
@@ -98,13 +100,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5, help="timed blocks (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed blocks after compiling")
     ap.add_argument("--latent-dim", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=64, choices=(64, 128))
+    ap.add_argument("--in-channels", type=int, default=1)
     ap.add_argument("--no-augment", dest="augment", action="store_false")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
 
     mesh = parallel.make_mesh()
     results = [bench_batch(b, steps=args.steps, repeats=args.repeats, warmup=args.warmup,
-                           augment=args.augment, latent_dim=args.latent_dim, mesh=mesh)
+                           augment=args.augment, latent_dim=args.latent_dim, mesh=mesh,
+                           image_size=args.image_size, in_channels=args.in_channels)
                for b in args.batch_sizes]
     report = {
         "benchmark": "train_step",
@@ -113,7 +118,8 @@ def main(argv=None) -> dict:
                 "device_kind": jax.devices()[0].device_kind,
                 "cpu_count": os.cpu_count(), "python": platform.python_version(),
                 "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
-        "config": {"latent_dim": args.latent_dim, "augment": args.augment, "steps": args.steps,
+        "config": {"latent_dim": args.latent_dim, "image_size": args.image_size,
+                   "in_channels": args.in_channels, "augment": args.augment, "steps": args.steps,
                    "repeats": args.repeats, "warmup": args.warmup, "model": "ConvVAE 16-32-64-256"},
         "results": results,
     }

@@ -157,6 +157,19 @@ def bootstrap_samples(hists: Sequence[CaseHist], n_boot: int = 1000, seed: int =
     return out
 
 
+def percentile_ci(samples: dict, n_cases: int, level: float = 0.95) -> dict:
+    """{metric: [lo, hi]} percentile intervals of bootstrap samples (see `bootstrap_ci`)."""
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"level must be in (0, 1), e.g. 0.95; got {level!r}")
+    pct = [100.0 * (1.0 - level) / 2.0, 100.0 * (1.0 + level) / 2.0]
+    out = {}
+    for k, v in samples.items():
+        v = v[~np.isnan(v)]
+        out[k] = ([float(x) for x in np.percentile(v, pct)] if n_cases >= 2 and v.size
+                  else [math.nan, math.nan])
+    return out
+
+
 def bootstrap_ci(hists: Sequence[CaseHist], n_boot: int = 1000, seed: int = 0,
                  level: float = 0.95) -> dict:
     """Percentile bootstrap interval over cases of every pooled metric.
@@ -174,11 +187,26 @@ def bootstrap_ci(hists: Sequence[CaseHist], n_boot: int = 1000, seed: int = 0,
     """
     if not 0.0 < level < 1.0:
         raise ConfigError(f"level must be in (0, 1), e.g. 0.95; got {level!r}")
-    samples = bootstrap_samples(hists, n_boot, seed)
-    pct = [100.0 * (1.0 - level) / 2.0, 100.0 * (1.0 + level) / 2.0]
+    return percentile_ci(bootstrap_samples(hists, n_boot, seed), len(hists), level)
+
+
+def paired_difference(samples: dict, baseline: dict, n_cases: int, level: float = 0.95
+                      ) -> dict:
+    """Interval of a map's metric minus the baseline's over the SAME resamples of cases.
+
+    Both sample dicts must come from `bootstrap_samples` with the same cases (in the same
+    order) and seed: each resample then draws the same cases for both maps, so the
+    difference's spread excludes what the two share (which cases were drawn), unlike two
+    marginal intervals.
+
+    Returns:
+      {metric: {"ci": [lo, hi], "frac_above": fraction of resamples where the map is above
+      the baseline}} for the metrics both have.
+    """
+    diffs = {k: samples[k] - baseline[k] for k in samples if k in baseline}
+    cis = percentile_ci(diffs, n_cases, level)
     out = {}
-    for k, v in samples.items():
-        v = v[~np.isnan(v)]
-        out[k] = ([float(x) for x in np.percentile(v, pct)] if len(hists) >= 2 and v.size
-                  else [math.nan, math.nan])
+    for k, d in diffs.items():
+        d = d[~np.isnan(d)]
+        out[k] = {"ci": cis[k], "frac_above": float((d > 0).mean()) if d.size else math.nan}
     return out

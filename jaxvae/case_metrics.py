@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from jaxvae.bootstrap import CaseHist, bootstrap_ci
+from jaxvae.bootstrap import CaseHist, bootstrap_samples, paired_difference, percentile_ci
 from jaxvae.errors import ConfigError
 from jaxvae.metrics import (
     Accumulator,
@@ -197,18 +197,23 @@ class MapsAccumulator:
             out.update(_threshold_metrics(self.pooled[name].counts_at(self.thresholds[name])))
         return out
 
-    def result(self, n_boot: int = 0, seed: int = 0, level: float = 0.95) -> dict:
+    def result(self, n_boot: int = 0, seed: int = 0, level: float = 0.95,
+               baseline: str = "intensity") -> dict:
         """{name: {"pooled", "per_case", "per_case_summary"}} as `evaluate_maps` returns.
 
         Args:
           n_boot: bootstrap resamples of the cases for the intervals (e.g. 1000); 0: none.
           seed: seed of the resamples (the same draws for every map: paired intervals).
           level: coverage of the intervals.
+          baseline: with n_boot, every other map also gets "vs_baseline": the paired
+            bootstrap interval of its metric minus this map's (`paired_difference`), when
+            this map is among the names.
 
         Returns:
           per name: "pooled": `Accumulator.result` keys, plus `dice_val`, `frac_above` for a
           map with a threshold, plus "ci": {metric: [lo, hi]} when n_boot > 0 (see
-          `bootstrap_ci`: coarse bins for the curve metrics, [nan, nan] with < 2 cases);
+          `bootstrap_ci`: coarse bins for the curve metrics, [nan, nan] with < 2 cases)
+          and "vs_baseline": {"baseline": name, metric: {"ci", "frac_above"}};
           "per_case": {case: row} in sorted case order, a row being `Accumulator.result`
           keys, `lesion_pixels`, `brain_pixels` (all pixels without a brain mask) and for a
           map with a threshold `tp`, `fp`, `fn`, `dice_val`, `frac_above`;
@@ -227,16 +232,21 @@ class MapsAccumulator:
             raise ConfigError(f"{len(open_cases)} cases not fed completely (e.g. "
                               f"{open_cases[0]!r}, {self._left[open_cases[0]]} slices missing); "
                               "feed every slice once before asking for the result")
-        out = {}
+        out, samples = {}, {}
         for n in self.names:
             cases = sorted(self._rows[n])  # stable order, and the bootstrap's case order
             rows = {c: self._rows[n][c] for c in cases}
             pooled = self._pooled(n)
             if n_boot:
-                pooled["ci"] = bootstrap_ci([self._hists[n][c] for c in cases], n_boot, seed,
-                                            level)
+                samples[n] = bootstrap_samples([self._hists[n][c] for c in cases], n_boot, seed)
+                pooled["ci"] = percentile_ci(samples[n], len(cases), level)
             out[n] = {"pooled": pooled, "per_case": rows,
                       "per_case_summary": summarize_cases(rows)}
+        if n_boot and baseline in samples:  # every map saw the same cases: paired draws
+            for n in self.names:
+                if n != baseline:
+                    out[n]["pooled"]["vs_baseline"] = {"baseline": baseline, **paired_difference(
+                        samples[n], samples[baseline], len(self._rows[n]), level)}
         return out
 
 

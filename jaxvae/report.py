@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jaxvae.errors import OutputError
 from jaxvae.io import write_text
-from jaxvae.results import PER_CASE_COLUMNS, describe, results_table, row_order
+from jaxvae.results import PER_CASE_COLUMNS, describe, difference_table, results_table, row_order
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
@@ -88,6 +88,17 @@ def results_html(results) -> str:
     header, rows = _markdown_cells(lines[0]), [_markdown_cells(x) for x in lines[2:]]
     base = {i for i, r in enumerate(rows) if r[0].endswith("(baseline)")}
     return _table(header, rows, baseline_rows=base)
+
+
+def difference_html(results) -> str:
+    """`results.difference_table` (paired differences to the baseline) as HTML, or ""."""
+    md = difference_table(results)
+    if not md:
+        return ""
+    intro, table = md.split("\n\n", 1)
+    lines = table.strip().splitlines()
+    return (f"<p>{_e(intro)}</p>\n"
+            + _table(_markdown_cells(lines[0]), [_markdown_cells(x) for x in lines[2:]]))
 
 
 def _num(v) -> str:
@@ -174,7 +185,8 @@ def run_html(run_dir) -> str:
 def render_report(results, *, images=None, run_dir=None, title="jaxvae evaluation") -> str:
     """The report page as one HTML string (see `write_report`)."""
     parts = [f"<h1>{_e(title)}</h1>\n<p>{_e(describe(results))}</p>\n",
-             "<h2>Pixel-level results</h2>\n", results_html(results)]
+             "<h2>Pixel-level results</h2>\n", results_html(results),
+             difference_html(results)]
     if results.get("detection"):
         parts += ["<h2>Detection</h2>\n", detection_html(results["detection"])]
     if images:

@@ -84,6 +84,40 @@ def detection_table(results) -> str:
             "precision:\n\n" + "\n".join(lines) + "\n\n" + table)
 
 
+DIFF_COLUMNS = (("auprc", "AUPRC"), ("dice_val", "Dice (val. threshold)"),
+                ("auroc_brain", "AUROC brain"))
+
+
+def difference_table(results) -> str:
+    """Markdown of each map minus the baseline, paired over the same bootstrap resamples of
+    the cases ("vs_baseline" of `MapsAccumulator.result`): the difference, its 95 %
+    interval and the fraction of resamples where the map is above; "" when none."""
+    rows, base = [], None
+    for name, r in sorted(results["predictors"].items(), key=lambda kv: row_order(kv[0])):
+        vs = r.get("vs_baseline")
+        if not vs:
+            continue
+        base = vs["baseline"]
+        ref = results["predictors"][base]
+        cells = []
+        for k, _ in DIFF_COLUMNS:
+            if k not in vs or r.get(k) is None or ref.get(k) is None:
+                cells.append("n/a")
+                continue
+            lo, hi = vs[k]["ci"]
+            cells.append(f"{r[k] - ref[k]:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                         f"({100 * vs[k]['frac_above']:.0f} %)"
+                         if not (math.isnan(lo) or math.isnan(hi)) else
+                         f"{r[k] - ref[k]:+.3f}")
+        rows.append([name, *cells])
+    if not rows:
+        return ""
+    return (f"Difference to the {base} baseline, paired bootstrap over the test cases (the "
+            "same resamples for both maps): difference [95 % interval] (share of resamples "
+            "where the map is above):\n\n"
+            + markdown_table(["predictor", *(label for _, label in DIFF_COLUMNS)], rows))
+
+
 PER_CASE_COLUMNS = ("auroc", "auroc_brain", "auprc", "dice_val", "dice_best", "lesion_pixels",
                     "frac_above")
 
@@ -123,6 +157,8 @@ def write_results(results, out_dir, *, overwrite=False, paper=None, title="jaxva
 
     out_dir = Path(out_dir)
     md = f"# {title}\n\n{describe(results)}\n\n" + results_table(results, paper)
+    if difference_table(results):
+        md += "\n" + difference_table(results)
     if results.get("detection"):
         md += "\n" + detection_table(results)
     files = {"results.json": json.dumps(results, indent=1, default=_json_default),

@@ -590,3 +590,38 @@ def test_curves_of_the_brain_region_and_undefined_curves():
         acc.curves(max_points=1)
     with pytest.raises(ConfigError, match="brain mask"):
         Accumulator().update(s, y).curves(brain=True)
+
+
+def test_paired_difference_against_the_baseline_uses_the_same_resamples():
+    """A map a little better than the baseline in every case: the paired interval of the
+    difference excludes 0 although the two marginal intervals overlap (the cases' own
+    difficulty, shared by both maps, dominates the marginal spread)."""
+    from jaxvae.bootstrap import paired_difference
+
+    rng = np.random.default_rng(7)
+    n_cases, s = 12, 2
+    lesion = np.zeros((n_cases * s, 16, 16), bool)
+    lesion[:, 4:10, 4:10] = True
+    contrast = np.repeat(rng.uniform(0.2, 2.0, n_cases), s)[:, None, None]  # case difficulty
+    base = rng.normal(size=lesion.shape) + contrast * lesion
+    better = base + 0.3 * lesion
+    ids = np.repeat([f"c{i:02d}" for i in range(n_cases)], s)
+    acc = MapsAccumulator(["intensity", "better", "same"], ids)
+    acc.update(np.arange(len(ids)), {"intensity": base, "better": better, "same": base.copy()},
+               lesion)
+    r = acc.result(n_boot=300, seed=1)
+    vs = r["better"]["pooled"]["vs_baseline"]
+    assert vs["baseline"] == "intensity" and "vs_baseline" not in r["intensity"]["pooled"]
+    assert vs["auprc"]["ci"][0] > 0 and vs["auprc"]["frac_above"] == 1.0
+    lo_b, hi_b = r["better"]["pooled"]["ci"]["auprc"]
+    lo_i, hi_i = r["intensity"]["pooled"]["ci"]["auprc"]
+    assert lo_b < hi_i  # the marginal intervals overlap
+    same = r["same"]["pooled"]["vs_baseline"]
+    assert same["auroc"]["ci"] == [0.0, 0.0] and same["auroc"]["frac_above"] == 0.0
+    # the same numbers from the samples by hand
+    cases = sorted(set(ids))
+    hist = {n: [acc._hists[n][c] for c in cases] for n in ("better", "intensity")}
+    a, b = (bootstrap_samples(hist[n], 300, 1) for n in ("better", "intensity"))
+    d = a["auprc"] - b["auprc"]
+    np.testing.assert_allclose(vs["auprc"]["ci"], np.percentile(d, [2.5, 97.5]))
+    assert paired_difference(a, b, n_cases)["auprc"] == vs["auprc"]

@@ -12,6 +12,8 @@ benchmark harness:
   batches are scored in 64-image chunks; accelerators want the whole batch;
 * micro-batches: the train step's gradient on CPU is summed over 32-image pieces inside
   the one compiled step (a sharded batch over several devices is one piece);
+* both hold 64x64 images; `for_model` scales them to a model's image size, so a chunk or
+  piece holds the same pixels (16 and 8 images at 128x128);
 * the projection's schedule: on XLA:CPU the body of a while loop runs slower than the
   same ops at the top level of a program, so on CPU the Adam steps run as a Python loop
   over a compiled program of 10 unrolled steps; elsewhere one compiled `fori_loop`.
@@ -32,8 +34,9 @@ class ExecutionPolicy:
     Attributes:
       train_conv: the ConvVAE `conv_impl` for training (parameter gradients).
       inference_conv: the `conv_impl` for anomaly maps and the projection (input gradients).
-      chunk_size: images per compiled call of the maps and the projection; 0 = the batch.
-      micro_batch: images per piece of the train step's gradient; 0 = the batch.
+      chunk_size: 64x64 images per compiled call of the maps and the projection (see
+        `for_model` for other sizes); 0 = the batch.
+      micro_batch: 64x64 images per piece of the train step's gradient; 0 = the batch.
       projection_unroll: > 0: the projection runs as a Python loop over a compiled program
         of this many unrolled Adam steps; 0: one compiled `fori_loop` for all steps.
     """
@@ -51,6 +54,16 @@ class ExecutionPolicy:
     def inference_model(self, model):
         """`model` with the convolution form for the maps and the projection."""
         return model.clone(conv_impl=self.inference_conv)
+
+    def for_model(self, model):
+        """The policy for a model's image size: chunk_size and micro_batch count 64x64
+        images, so at S x S they shrink by (64 / S)**2 (at least 1; 0 stays 0)."""
+        f = (model.image_size // 64) ** 2
+
+        def scale(n):
+            return max(1, n // f) if n else 0
+        return dataclasses.replace(self, chunk_size=scale(self.chunk_size),
+                                   micro_batch=scale(self.micro_batch))
 
     def sharded(self):
         """The policy for a batch split over several devices: one call, no pieces."""

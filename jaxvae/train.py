@@ -178,13 +178,14 @@ def train_step_for(cfg: TrainConfig, mesh=None, policy: execution.ExecutionPolic
       cfg: the run's TrainConfig (model, lr, beta, augmentation).
       mesh: device mesh, or None for plain jit on the default device.
       policy: execution policy (default: execution.current()); its training conv form is
-        used, and its micro_batch on one device (a batch split over several devices is one
-        piece per device).
+        used, and its micro_batch (scaled to the image size, `for_model`) on one device
+        (a batch split over several devices is one piece per device).
     """
-    policy = execution.current() if policy is None else policy
+    model = model_from_config(cfg)
+    policy = (execution.current() if policy is None else policy).for_model(model)
     if mesh is not None and mesh.size > 1:
         policy = policy.sharded()
-    return make_train_step(policy.training_model(model_from_config(cfg)), lr=float(cfg.lr),
+    return make_train_step(policy.training_model(model), lr=float(cfg.lr),
                            beta=float(cfg.beta),
                            augment=cfg.augmentation if cfg.augment else None, mesh=mesh,
                            micro_batch=policy.micro_batch)

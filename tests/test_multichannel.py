@@ -199,3 +199,12 @@ def test_a_128_two_channel_run_trains():
     params, history = train(cfg, x, None, progress=False)
     assert params["dec_convs_4"]["kernel"].shape == (4, 4, 4, 2)
     assert history[-1]["step"] == 2 and np.isfinite(history[-1]["loss"])
+
+
+def test_cpu_chunks_and_pieces_hold_the_pixels_of_64x64_ones():
+    big = jaxvae.ConvVAE(image_size=128)
+    cpu = execution.CPU.for_model(big)
+    assert (cpu.chunk_size, cpu.micro_batch) == (16, 8)
+    assert execution.CPU.for_model(jaxvae.ConvVAE()) == execution.CPU
+    assert execution.ACCELERATOR.for_model(big) == execution.ACCELERATOR  # 0: the batch
+    assert dataclasses.replace(execution.CPU, micro_batch=2).for_model(big).micro_batch == 1

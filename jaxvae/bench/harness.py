@@ -234,10 +234,11 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
     policy = execution.current()
     if conv_impl != "auto":
         policy = dataclasses.replace(policy, train_conv=conv_impl, inference_conv=conv_impl)
-    report["settings"]["policy"] = dataclasses.asdict(policy)
     # the plain form; the policy picks its own
     model = jaxvae.ConvVAE(latent_dim=latent_dim, image_size=image_size,
                            in_channels=in_channels)
+    policy = policy.for_model(model)  # chunks and micro-batches of the model's image size
+    report["settings"]["policy"] = dataclasses.asdict(policy)
     # one compiled init: eager Flax init compiles each initializer separately (~10 s)
     params = jax.jit(jaxvae.init_params, static_argnums=0)(model, jax.random.key(seed))
     macs = model_macs(model)

@@ -16,6 +16,7 @@ and a killed experiment continues where it stopped.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -27,6 +28,7 @@ import numpy as np
 from jaxvae.checkpoint import load_run
 from jaxvae.config import TrainConfig
 from jaxvae.data import datasets, splits
+from jaxvae.data.preprocess import PreprocessParams
 from jaxvae.evaluate import EvalSettings, compute_maps, score_folds
 from jaxvae.figures import map_figure
 from jaxvae.io import markdown_table, write_text
@@ -43,7 +45,9 @@ METRICS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"
 def parser(description, *, max_steps=3000):
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--data", default="phantom", help="'phantom' or a BraTS-layout folder")
-    ap.add_argument("--modality", default=None, help="default: t2 (phantom), flair (otherwise)")
+    ap.add_argument("--modality", default=None,
+                    help="default: t2 (phantom), flair (otherwise); several as channels: flair,t1")
+    ap.add_argument("--image-size", type=int, default=64, help="64 or 128")
     ap.add_argument("--folds", type=int, default=None, help="default: 1 (phantom), 2 (otherwise)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--max-steps", type=int, default=max_steps)
@@ -67,12 +71,19 @@ def finish_args(args, name):
     args.out = args.out or Path("results") / name
     args.runs = args.runs.resolve()  # orbax wants absolute checkpoint paths
     args.tag = "phantom" if phantom else Path(args.data).name
+    # run names: the sequences joined by '+'; the size only when not the paper's 64
+    args.seq_tag = args.modality.replace(",", "+") + ("" if args.image_size == 64 else
+                                                      f"-px{args.image_size}")
     return args
 
 
 def load_folds(args):
     """{seed: [(fold, Split, train, val, test SliceSets, data description)]}."""
-    slices, desc = datasets.load_dataset(args.data, args.modality, progress=True)
+    params = PreprocessParams(size=args.image_size)
+    slices, desc = datasets.load_dataset(args.data, args.modality, params=params,
+                                         progress=True)
+    if params != PreprocessParams():  # the run remembers its slice size (evaluate, score)
+        desc = {**desc, "preprocess": dataclasses.asdict(params)}
     out = {}
     for seed in args.seeds:
         out[seed] = []
@@ -92,10 +103,13 @@ def patience_epochs(args, n_train: int) -> int:
 
 def trained(args, fold, split, train_set, val, data_desc, *, latent_dim, beta, seed):
     """Train (or resume, or just load) the run of one setting, seed and fold."""
-    run = args.runs / (f"{args.tag}-{args.modality}-l{latent_dim}-b{beta:g}-lr{args.lr:g}"
+    run = args.runs / (f"{args.tag}-{args.seq_tag}-l{latent_dim}-b{beta:g}-lr{args.lr:g}"
                        f"-ms{args.max_steps}-ps{args.patience_steps}-s{seed}-f{fold}of{args.folds}")
+    images = train_set.images
     cfg = TrainConfig(latent_dim=latent_dim, beta=beta, lr=args.lr, batch_size=args.batch_size,
                       epochs=100_000, seed=seed, checkpoint_every=50,
+                      image_size=args.image_size,
+                      in_channels=images.shape[-1] if images.ndim == 4 else 1,
                       patience=patience_epochs(args, len(train_set)),
                       max_steps=args.max_steps, data=data_desc)
     _, history = train(cfg, train_set.images, run, resume=True, progress=False,
@@ -137,9 +151,11 @@ def pooled_setting(args, folds, *, latent_dim, beta, predictors, figure=None, po
         if figure is not None and seed == args.seeds[0]:
             _, model, params, _, te, _ = runs[0]
             maps = compute_maps(model, params, te.images, beta=beta, settings=settings)
-            maps["intensity"] = te.images
-            recon = np.asarray(reconstruct(model, params, te.images[..., None]))[..., 0]
-            map_figure(figure, te.images, te.lesion, maps, recon=recon, case_ids=te.case_ids,
+            x = te.images if te.images.ndim == 4 else te.images[..., None]
+            first = x[..., 0]  # the first sequence is drawn
+            maps["intensity"] = first
+            recon = np.asarray(reconstruct(model, params, x))[..., 0]
+            map_figure(figure, first, te.lesion, maps, recon=recon, case_ids=te.case_ids,
                        overwrite=True, title=f"latent {latent_dim}, beta {beta:g} (fold 0)")
     return {"seeds": per_seed, "summary": summarize_seeds(per_seed)}
 

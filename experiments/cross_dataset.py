@@ -45,7 +45,8 @@ def parser():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train-data", default=str(SHARED / "brats2018_flair"))
     ap.add_argument("--test-data", default=str(SHARED / "brats2021_t2"))
-    ap.add_argument("--modality", default="flair")
+    ap.add_argument("--modality", default="flair", help="several as channels: flair,t1")
+    ap.add_argument("--image-size", type=int, default=64, help="64 or 128")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--latent-dim", type=int, default=64)
     ap.add_argument("--beta", type=float, default=1.0)
@@ -70,12 +71,16 @@ def train_run(args, seed, slices, desc):
     """Train (or resume, or load) one seed's run; returns model, params, cfg, training info."""
     split = splits.make_split(slices, seed=seed)
     train_set, val, _ = split.slices(slices)
-    run = args.runs.resolve() / (f"xd-{Path(args.train_data).name}-{args.modality}-"
+    seqs = args.modality.replace(",", "+")
+    run = args.runs.resolve() / (f"xd-{Path(args.train_data).name}-{seqs}-"
                                  f"l{args.latent_dim}-b{args.beta:g}-lr{args.lr:g}-"
                                  f"ms{args.max_steps}-ps{args.patience_steps}-s{seed}"
-                                 + ("-crop" if args.crop else ""))
+                                 + ("-crop" if args.crop else "")
+                                 + ("" if args.image_size == 64 else f"-px{args.image_size}"))
+    images = train_set.images
     cfg = TrainConfig(latent_dim=args.latent_dim, beta=args.beta, lr=args.lr,
-                      batch_size=args.batch_size, epochs=100_000,
+                      batch_size=args.batch_size, epochs=100_000, image_size=args.image_size,
+                      in_channels=images.shape[-1] if images.ndim == 4 else 1,
                       seed=seed, checkpoint_every=50,
                       patience=math.ceil(args.patience_steps
                                          / max(1, len(train_set) // args.batch_size)),
@@ -106,7 +111,7 @@ def train_run(args, seed, slices, desc):
 def baseline_variants(args, val, test):
     """The intensity baseline unclipped and histogram-equalised (Meissen et al. 2021), scored
     like every map: thresholds from the same validation case, beside the clipped one."""
-    unclipped = PreprocessParams(clip=None, crop=args.crop)
+    unclipped = PreprocessParams(clip=None, crop=args.crop, size=args.image_size)
     raw_val = datasets.load_dataset(args.train_data, args.modality,
                                     params=unclipped)[0].for_cases(val.cases)
     raw_test = datasets.load_dataset(args.test_data, args.modality, params=unclipped)[0]
@@ -137,10 +142,10 @@ def summary_table(per_seed):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    params = PreprocessParams(crop=args.crop)
+    params = PreprocessParams(crop=args.crop, size=args.image_size)
     slices, desc = datasets.load_dataset(args.train_data, args.modality, params=params,
                                          progress=True)
-    if args.crop:
+    if params != PreprocessParams():
         desc = {**desc, "preprocess": dataclasses.asdict(params)}
     test, _ = datasets.load_dataset(args.test_data, args.modality, params=params,
                                     progress=True)
@@ -151,7 +156,8 @@ def main(argv=None):
         t0 = time.time()
         results, _ = score_dataset(model, params, test, val=val, beta=cfg.beta,
                                    settings=settings, keep=())
-        results["predictors"].update(baseline_variants(args, val, test))
+        if test.images.ndim == 3:  # one sequence: its unclipped / equalised variants too
+            results["predictors"].update(baseline_variants(args, val, test))
         info["eval_seconds"] = round(time.time() - t0, 1)
         per_seed.append({"seed": seed, "training": info, "results": results})
         print(json.dumps({"seed": seed, **info}), file=sys.stderr)

@@ -71,7 +71,7 @@ def run_demo(out_dir, *, quick=False, overwrite=False, modality="t2", seed=0):
                           overwrite=overwrite)
 
     print("[5/5] figures, and NIfTI maps, lesion probability and mask of one test case")
-    x = test_set.images[..., None]
+    x = test_set.images if test_set.images.ndim == 4 else test_set.images[..., None]
     recon = np.asarray(reconstruct(model, params, x))[..., 0]
     panels = {k: maps[k] for k in ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi",
                                   "proj_rec_error", "intensity")}

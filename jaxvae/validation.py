@@ -55,7 +55,7 @@ def make_val_step(model: ConvVAE, *, beta: float, mesh=None):
     """
 
     def val_step(params, x, eps):
-        x = x[..., None]
+        x = x[..., None] if x.ndim == 3 else x  # (N, H, W, C): sequences as channels
         x_hat, aux = model.apply({"params": params}, x, eps=eps)
         return jnp.stack(losses.beta_elbo(x, x_hat, aux["mu"], aux["log_sigma"], beta), axis=1)
 

@@ -196,9 +196,10 @@ def test_a_128_two_channel_run_trains():
     cfg = TrainConfig(latent_dim=8, channels=CH, image_size=128, in_channels=2, batch_size=4,
                       lr=1e-3, epochs=1)
     x = np.random.default_rng(0).normal(size=(8, 128, 128, 2)).astype(np.float32) * 0.5
-    params, history = train(cfg, x, None, progress=False)
+    params, history = train(cfg, x, None, progress=False, val_images=x[:4])
     assert params["dec_convs_4"]["kernel"].shape == (4, 4, 4, 2)
     assert history[-1]["step"] == 2 and np.isfinite(history[-1]["loss"])
+    assert np.isfinite(history[-1]["val_loss"])  # the validation loss reads C channels too
 
 
 def test_cpu_chunks_and_pieces_hold_the_pixels_of_64x64_ones():

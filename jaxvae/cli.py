@@ -193,6 +193,9 @@ def parser() -> ArgumentParser:
             p.add_argument("--out", type=Path, default=None)
             p.add_argument("--repeats", type=PositiveInt, default=5)
             p.add_argument("--no-torch", action="store_true", help="JAX only")
+            p.add_argument("--image-size", type=int, default=64, help="64 or 128")
+            p.add_argument("--in-channels", type=PositiveInt, default=1,
+                           help="image channels (sequences)")
         sub.add_subcommand(name, p, help=help_)
     return ap
 

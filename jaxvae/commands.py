@@ -255,7 +255,8 @@ def cmd_bench(args):
 
     frameworks = ("jax",) if args.no_torch else ("jax", "torch")
     result = run(batch_sizes=tuple(args.batch_size), frameworks=frameworks,
-                 repeats=args.repeats, out=args.out)
+                 repeats=args.repeats, out=args.out, image_size=args.image_size,
+                 in_channels=args.in_channels)
     if args.out is None:
         print(json.dumps(result, indent=1))
 

@@ -5,7 +5,9 @@ threshold is its best-Dice threshold on them and the logistic-regression ensembl
 fitted on their brain pixels; where they are healthy, the threshold is a quantile of their
 maps inside the brain and there is no ensemble. The maps of a set of slices are the
 predictors' plus the intensity baseline and, when asked, the post-processed rows
-(`_rows_of`), the same for validation and test slices.
+(`_rows_of`), the same for validation and test slices. With several sequences as channels
+the intensity baseline is "intensity", the mean of the channels, and one row per sequence,
+"intensity_<sequence>" (`intensity_rows`).
 """
 
 import dataclasses
@@ -64,9 +66,35 @@ class Calibration:
                 "ensemble_weights": {k: e.to_json() for k, e in self.ensembles.items()}}
 
 
+def intensity_rows(images, sequences=()) -> dict:
+    """The intensity baseline (Meissen et al. 2021): the pre-processed image as its own map.
+
+    Args:
+      images: (S, H, W) slices of one sequence, or (S, H, W, C) of C sequences.
+      sequences: the C sequences' names (empty: "c0", "c1"...).
+
+    Returns:
+      {"intensity": (S, H, W)} for one sequence. For C sequences also
+      {"intensity_<seq>": channel c}, and "intensity" is the mean over the channels of the
+      normalised images (each is z-scored over the brain, so no sequence dominates): one
+      combined row, also the ensembles' "intensity" feature.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim == 3:
+        return {"intensity": images}
+    names = sequences or [f"c{c}" for c in range(images.shape[-1])]
+    return {"intensity": images.mean(-1),
+            **{f"intensity_{s}": images[..., c] for c, s in enumerate(names)}}
+
+
+def intensity_names(slices) -> list[str]:
+    """The intensity rows of a SliceSet (see `intensity_rows`)."""
+    return list(intensity_rows(slices.images[:0], slices.sequences))
+
+
 def _rows_of(maps, slices, settings):
     """The maps plus the intensity baseline and (when asked) the post-processed rows."""
-    maps = {**maps, "intensity": np.asarray(slices.images, np.float32)}  # Meissen et al. 2021
+    maps = {**maps, **intensity_rows(slices.images, slices.sequences)}
     if settings.postprocess:
         maps.update({f"{name}+pp": postprocess_maps(maps[name], slices.brain)
                      for name in list(maps)})
@@ -89,7 +117,7 @@ def calibrate(val_maps, val, settings) -> Calibration:
     """Fit thresholds (and, where the validation cases have lesions, the ensembles) on them.
 
     Args:
-      val_maps: {name: (V, 64, 64)} maps of the validation slices.
+      val_maps: {name: (V, H, W)} maps of the validation slices.
       val: their SliceSet.
       settings: EvalSettings (ensemble switches, val_quantile, seed).
     """

@@ -18,7 +18,13 @@ import dataclasses
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxvae.calibration import Calibration, _ensemble_map, _rows_of, calibrate
+from jaxvae.calibration import (
+    Calibration,
+    _ensemble_map,
+    _rows_of,
+    calibrate,
+    intensity_names,
+)
 from jaxvae.case_metrics import MapsAccumulator
 from jaxvae.detection import SliceScores
 from jaxvae.errors import ConfigError
@@ -76,7 +82,7 @@ class EvalSettings:
 
 def _map_batches(model, params, images, *, beta=1.0, settings=EvalSettings(), progress=False,
                  desc="scoring"):
-    """Yield (rows, {name: (n, 64, 64) float32 map}) per batch of `score.batches`, in order.
+    """Yield (rows, {name: (n, H, W) float32 map}) per batch of `score.batches`, in order.
 
     Args:
       model, params, images, beta, settings: as `compute_maps`.
@@ -92,7 +98,8 @@ def _map_batches(model, params, images, *, beta=1.0, settings=EvalSettings(), pr
     key = jax.random.key(settings.seed)
     todo = list(enumerate(score.batches(len(images), settings.batch_size)))
     for b, (idx, n) in tqdm(todo, desc=desc, disable=not progress, unit="batch"):
-        x = np.asarray(images[idx], np.float32)[..., None]
+        x = np.asarray(images[idx], np.float32)
+        x = x[..., None] if x.ndim == 3 else x  # (n, H, W, C): channels are sequences
         out = {}
         if grad_preds:
             maps = score.maps(model, params, x, policy=policy, beta=beta,
@@ -114,17 +121,18 @@ def compute_maps(model, params, images, *, beta=1.0, settings=EvalSettings(), pr
 
     Args:
       model, params: the trained ConvVAE and its parameters.
-      images: (S, 64, 64) float32 pre-processed slices.
+      images: (S, H, W) float32 pre-processed slices, or (S, H, W, C) for a model of C
+        sequences (channels).
       beta: the model's beta (for elbo_grad).
       settings: EvalSettings (predictors, batch size, smoothing, projection...).
       progress: show a progress bar.
 
     Returns:
-      {name: (S, 64, 64) float32 numpy map}.
+      {name: (S, H, W) float32 numpy map}.
     """
     images = np.asarray(images, np.float32)
     wanted = check_predictors(settings.predictors, KNOWN_PREDICTORS)
-    out = {p: np.empty(images.shape, np.float32) for p in wanted}
+    out = {p: np.empty(images.shape[:3], np.float32) for p in wanted}
     for rows, maps in _map_batches(model, params, images, beta=beta, settings=settings,
                                    progress=progress):
         for name, m in maps.items():
@@ -151,8 +159,9 @@ def score_dataset(model, params, slices, *, val=None, beta=1.0, settings=EvalSet
         integer index array / (S,) bool mask; () = none.
 
     Returns:
-      (results dict as written to results.json, {name: (K, 64, 64) map} of the K kept
-      slices in `keep` order, for every row: predictors, "intensity", "<name>+pp",
+      (results dict as written to results.json, {name: (K, H, W) map} of the K kept
+      slices in `keep` order, for every row: predictors, "intensity" (and with C
+      sequences "intensity_<seq>": `calibration.intensity_rows`), "<name>+pp",
       "ensemble"...).
     """
     names = check_predictors(settings.predictors, KNOWN_PREDICTORS)
@@ -210,7 +219,7 @@ def score_maps(maps, slices, *, val_maps=None, val=None, beta=1.0, settings=Eval
     """Metrics of precomputed maps (plus intensity baseline, post-processing, ensemble).
 
     Args:
-      maps: {name: (S, 64, 64)} from `compute_maps`; rows are added to it in place
+      maps: {name: (S, H, W)} from `compute_maps`; rows are added to it in place
         ("intensity", "<name>+pp", "ensemble"...), so callers can draw them.
       slices: the SliceSet the maps belong to.
       val_maps, val: maps of the validation slices and their SliceSet (None: no
@@ -221,7 +230,7 @@ def score_maps(maps, slices, *, val_maps=None, val=None, beta=1.0, settings=Eval
     """
     from jaxvae import score
 
-    names = [k for k in maps if k != "intensity"]
+    names = [k for k in maps if k not in intensity_names(slices)]
     cal = Calibration() if val is None or not len(val) else calibrate(dict(val_maps), val,
                                                                         settings)
 
@@ -279,7 +288,7 @@ def _accumulate(batches, names, slices, cal, *, settings, keep=None, keep_names=
     """Stream the maps of `batches` into the metrics of every row (see `score_dataset`).
 
     Args:
-      batches: callable(progress=False) yielding (rows, {name: (n, 64, 64) map}) for
+      batches: callable(progress=False) yielding (rows, {name: (n, H, W) map}) for
         consecutive batches of the slices.
       names: the map names `batches` yields, in row order.
       cal: the Calibration fitted on the validation cases.
@@ -292,7 +301,7 @@ def _accumulate(batches, names, slices, cal, *, settings, keep=None, keep_names=
     """
     images, lesion, brain = slices.images, slices.lesion, slices.brain
     case_ids = np.asarray(slices.case_ids).astype(str)
-    rows = [*names, "intensity"]
+    rows = [*names, *intensity_names(slices)]
     if settings.postprocess:
         rows += [f"{name}+pp" for name in rows]
     rows += list(cal.ensembles)
@@ -310,7 +319,7 @@ def _accumulate(batches, names, slices, cal, *, settings, keep=None, keep_names=
         raise ConfigError("keep holds a slice twice; give each slice index once")
     pos = np.full(len(images), -1)
     pos[keep] = np.arange(keep.size)
-    kept = {k: np.zeros((keep.size, *images.shape[1:]), np.float32) for k in rows
+    kept = {k: np.zeros((keep.size, *images.shape[1:3]), np.float32) for k in rows
             if keep_names is None or keep_names(k)}
 
     for r, maps in batches(progress=progress):

@@ -30,7 +30,8 @@ def map_figure(path, images, lesion, maps, *, recon=None, index=None, case_ids=N
 
     Args:
       path: output PNG.
-      images, lesion: (S, H, W) slices and lesion masks (lesion None: no truth column).
+      images, lesion: (S, H, W) slices and lesion masks (lesion None: no truth column);
+        (S, H, W, C) images of C sequences show the first.
       maps: {name: (S, H, W)}; each column is scaled to its own 99.5th percentile.
       recon: optional (S, H, W) reconstructions.
       index: which slices (rows); default `pick_slices(lesion, case_ids=case_ids)`.
@@ -38,7 +39,8 @@ def map_figure(path, images, lesion, maps, *, recon=None, index=None, case_ids=N
     """
     if index is None:
         index = pick_slices(lesion, case_ids=case_ids)
-    cols = [("input", images, "gray")]
+    images = np.asarray(images)
+    cols = [("input", images[..., 0] if images.ndim == 4 else images, "gray")]
     if lesion is not None:
         cols.append(("ground truth", lesion, "gray"))
     if recon is not None:
@@ -174,13 +176,15 @@ def overlay_figure(path, image, lesion, brain, maps, *, thresholds=None, title=N
 
     Args:
       path: output PNG.
-      image, lesion, brain: (H, W) slice, lesion mask (None: no truth contour), brain mask.
+      image, lesion, brain: (H, W) slice ((H, W, C): the first sequence is shown), lesion
+        mask (None: no truth contour), brain mask.
       maps: {name: (H, W) map}; values outside the brain are not shown.
       thresholds: {name: validation threshold}; a map without one is scaled to its 99th
         percentile in the brain (marked * in its panel title and the colour bar label).
     """
     thresholds = thresholds or {}
     image, brain = np.asarray(image, np.float32), np.asarray(brain, bool)
+    image = image[..., 0] if image.ndim == 3 else image
     n = 1 + len(maps)
     fig, axes = plt.subplots(1, n, squeeze=False, figsize=(2.2 * n + 1.0, 2.7),
                              layout="constrained")

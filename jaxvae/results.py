@@ -16,7 +16,10 @@ from jaxvae.io import all_or_nothing, markdown_table, write_text
 
 # table order: the paper's predictors, the one-signed maps, the baseline and the ensembles
 ROW_ORDER = ("rec_error", "elbo_grad", "elbo_grad_sum", "kl_grad", "rec_grad", "combi",
-             "proj_rec_error", "rec_pos", "rec_grad_pos", "intensity", "intensity_unclipped",
+             "proj_rec_error", "rec_pos", "rec_grad_pos", "intensity",
+             # with several sequences as channels: each one's intensity (calibration.py)
+             "intensity_flair", "intensity_t2", "intensity_t1", "intensity_t1ce",
+             "intensity_unclipped",
              "intensity_histeq", "ensemble_plain",
              "ensemble", "ensemble+intensity", "ensemble_signed+intensity")
 METRIC_COLUMNS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),

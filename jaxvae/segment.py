@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit
 
-from jaxvae.calibration import ENSEMBLE_FEATURES, _ensemble_map, calibrate
+from jaxvae.calibration import ENSEMBLE_FEATURES, _ensemble_map, calibrate, intensity_rows
 from jaxvae.ensemble import Ensemble
 from jaxvae.errors import ConfigError, OutputError, RunError
 from jaxvae.io import write_text
@@ -144,13 +144,14 @@ class Segmenter:
 
         Args:
           maps: {name: (S, H, W) map} holding at least `predictors`.
-          images: (S, H, W) the pre-processed slices (the "intensity" feature).
+          images: (S, H, W) the pre-processed slices, or (S, H, W, C) of C sequences
+            (the "intensity" feature: `calibration.intensity_rows`).
           brain: (S, H, W) bool brain mask.
 
         Returns:
           (S, H, W) float32 in [0, 1], 0 outside the brain.
         """
-        feats = {**maps, "intensity": np.asarray(images, np.float32)}
+        feats = {**maps, "intensity": intensity_rows(images)["intensity"]}
         logit = _ensemble_map(self.ensemble, feats, np.asarray(brain, bool))  # calibrate's
         return np.where(brain, expit(logit.astype(np.float64)), 0).astype(np.float32)
 

@@ -2,25 +2,29 @@
 
 Two layouts: BraTS (`<ID>/<ID>_<modality>.nii.gz` plus `<ID>/<ID>_seg.nii.gz`, any BraTS
 2015-2023 naming) and a flat folder of healthy volumes with optional `_mask` /
-`_brainmask` brain masks next to them.
+`_brainmask` brain masks next to them. Several co-registered sequences of the BraTS layout
+("flair,t2") become the image channels, in the order given (jaxvae.data.sequences).
 """
 
 import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from jaxvae.data import nifti, phantom
 from jaxvae.data.preprocess import PreprocessParams, SliceGeometry, preprocess_volume
+from jaxvae.data.sequences import _aliases, modality_text, parse_modalities
+from jaxvae.data.sequences import check_modality as check_modality  # re-exported
+from jaxvae.data.sequences import modality_of as modality_of
+from jaxvae.data.sequences import same_modality as same_modality
+from jaxvae.data.slices import SliceSet as SliceSet
 from jaxvae.errors import ConfigError, DataError
 from jaxvae.io import atomic_path, confined
 
-# BraTS renamed its modalities over the years (2023: t1n, t1c, t2w, t2f).
-_MODALITY_GROUPS = (("t1", "t1n"), ("t1ce", "t1c", "t1gd"), ("t2", "t2w"), ("flair", "t2f"))
 _MASK_SUFFIXES = ("_brainmask", "_mask")
 # Bump when the cached arrays change meaning, so old caches are not reused.
 _CACHE_VERSION = 1
@@ -28,53 +32,35 @@ _CACHE_VERSION = 1
 
 @dataclass(frozen=True)
 class Case:
-    """One subject: an image, and optionally its lesion segmentation and brain mask."""
+    """One subject: an image, and optionally its lesion segmentation and brain mask.
+
+    Attributes:
+      image_path: the (first) sequence's image.
+      image_paths: every sequence's image, in channel order (default: `(image_path,)`).
+      sequences: their names ("flair", "t2"; empty where unknown: plain volumes).
+    """
 
     case_id: str
     image_path: Path
     seg_path: Path | None = None
     mask_path: Path | None = None
+    image_paths: tuple[Path, ...] = ()
+    sequences: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_paths", tuple(self.image_paths) or (self.image_path,))
+        object.__setattr__(self, "sequences", tuple(self.sequences))
+        if self.image_paths[0] != self.image_path or len(self.sequences) not in (
+                0, len(self.image_paths)):
+            raise ValueError(f"case {self.case_id}: image_paths {self.image_paths} must start "
+                             f"with image_path {self.image_path}, one per sequence "
+                             f"{self.sequences}")
 
 
 def _niftis(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))
                   and not p.name.startswith("."))
-
-
-def _aliases(modality: str) -> tuple[str, ...]:
-    m = modality.lower()
-    for group in _MODALITY_GROUPS:
-        if m in group:
-            return group
-    return (m,)
-
-
-def same_modality(a: str, b: str) -> bool:
-    """Whether two modality names are the same sequence (BraTS aliases included)."""
-    return b.lower() in _aliases(a)
-
-
-def modality_of(path) -> str | None:
-    """The BraTS modality a file's name ends in (`<ID>_flair.nii.gz` -> "flair"), or None."""
-    stem = nifti.volume_stem(Path(path)).lower()
-    return next((m for group in _MODALITY_GROUPS for m in group
-                 if stem.endswith((f"_{m}", f"-{m}"))), None)
-
-
-def check_modality(path, trained, asked):
-    """Refuse an input named as another sequence than the run's, unless `asked` says so.
-
-    Args:
-      path: the input volume; trained: the run's modality (None: not checked); asked: the
-        user's --modality (None: not given).
-    """
-    named = modality_of(path)
-    if trained is None or named is None or same_modality(named, trained):
-        return
-    if asked is None or not same_modality(asked, named):
-        raise ConfigError(f"{path}: its name says {named}, the run was trained on {trained}; "
-                          f"pass --modality {named} to score it anyway")
 
 
 def _match(folder: Path, files: list[Path], names: tuple[str, ...], what: str) -> Path | None:
@@ -86,48 +72,57 @@ def _match(folder: Path, files: list[Path], names: tuple[str, ...], what: str) -
     return hits[0] if hits else None
 
 
-def _brats_case(folder: Path, modality: str, files: list[Path]) -> Case:
-    names = _aliases(modality)
-    image = _match(folder, files, names, modality)
-    if image is None:
-        listing = ", ".join(p.name for p in files) or "no NIfTI files"
-        raise DataError(f"{folder}: no {modality} image (looked for names ending in "
-                        f"{' or '.join('_' + n for n in names)} + .nii/.nii.gz); "
-                        f"the folder holds: {listing}")
-    return Case(case_id=folder.name, image_path=image,
+def _brats_case(folder: Path, asked: tuple[str, ...], files: list[Path]) -> Case:
+    images = []
+    for seq in asked:
+        names = _aliases(seq)
+        image = _match(folder, files, names, seq)
+        if image is None:
+            listing = ", ".join(p.name for p in files) or "no NIfTI files"
+            raise DataError(f"{folder}: no {seq} image (looked for names ending in "
+                            f"{' or '.join('_' + n for n in names)} + .nii/.nii.gz); "
+                            f"the folder holds: {listing}")
+        images.append(image)
+    return Case(case_id=folder.name, image_path=images[0], image_paths=tuple(images),
+                sequences=parse_modalities(asked),
                 seg_path=_match(folder, files, ("seg",), "segmentation"),
                 mask_path=_match(folder, files, tuple(s[1:] for s in _MASK_SUFFIXES), "mask"))
 
 
-def find_brats_cases(root, modality: str) -> list[Case]:
+def find_brats_cases(root, modality) -> list[Case]:
     """Find the cases of a BraTS-layout dataset.
 
     Args:
       root: folder of case folders `<ID>/<ID>_<modality>.nii[.gz]` (+ `<ID>_seg`), or one
         case folder itself.
       modality: t1, t1ce, t2 or flair, or their BraTS 2023 names t1n, t1c, t2w, t2f
-        (case-insensitive).
+        (case-insensitive); several, comma-separated or as a sequence ("flair,t2"), for
+        the image channels (`sequences.parse_modalities`).
 
     Returns:
-      Cases sorted by ID, with `seg_path` (and `mask_path`) where present.
+      Cases sorted by ID, with every sequence's image (`image_paths`), `seg_path` (and
+      `mask_path`) where present.
 
     Raises:
-      DataError: root missing, no case found, or a case lacks the modality.
+      ConfigError: an unknown or repeated sequence.
+      DataError: root missing, no case found, or a case lacks one of the sequences (the
+        message names the case folder and the sequence).
     """
+    sequences = parse_modalities(modality, canonical=False)
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
     own = _niftis(root)
     if own:  # a single case folder
-        return [_brats_case(root, modality, own)]
+        return [_brats_case(root, sequences, own)]
     cases = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = _niftis(folder)
         if files:  # folders without any NIfTI (docs, caches) are not cases
-            cases.append(_brats_case(folder, modality, files))
+            cases.append(_brats_case(folder, sequences, files))
     if not cases:
         raise DataError(f"{root}: no case folders with NIfTI files (expected <ID>/<ID>_"
-                        f"{modality}.nii.gz)")
+                        f"{sequences[0]}.nii.gz)")
     return sorted(cases, key=lambda c: c.case_id)
 
 
@@ -166,80 +161,12 @@ def find_volumes(folder) -> list[Case]:
             for k in sorted(images)]
 
 
-@dataclass
-class SliceSet:
-    """Model-ready slices of many cases, with where each came from.
-
-    Attributes:
-      images: (S, H, W) float32.
-      brain: (S, H, W) bool brain mask.
-      lesion: (S, H, W) bool lesion mask (all False for healthy data).
-      case_ids: (S,) str, the case of each slice.
-      slice_index: (S,) int32, its axial index in the reoriented volume.
-      geometries: case ID -> `SliceGeometry`, for `maps_to_volume`.
-    """
-
-    images: np.ndarray
-    brain: np.ndarray
-    lesion: np.ndarray
-    case_ids: np.ndarray
-    slice_index: np.ndarray
-    geometries: dict[str, SliceGeometry] = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.images = np.asarray(self.images, np.float32)
-        self.brain = np.asarray(self.brain, bool)
-        self.lesion = np.asarray(self.lesion, bool)
-        self.case_ids = np.asarray(self.case_ids, dtype=str)
-        self.slice_index = np.asarray(self.slice_index, np.int32)
-        n = len(self.images)
-        if (self.images.ndim != 3 or self.brain.shape != self.images.shape
-                or self.lesion.shape != self.images.shape
-                or self.case_ids.shape != (n,) or self.slice_index.shape != (n,)):
-            raise ValueError(f"inconsistent shapes: images {self.images.shape}, brain "
-                             f"{self.brain.shape}, lesion {self.lesion.shape}, case_ids "
-                             f"{self.case_ids.shape}, slice_index {self.slice_index.shape}")
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def subset(self, index) -> "SliceSet":
-        """Slices selected by an integer index array or a (S,) bool mask."""
-        index = np.asarray(index)
-        case_ids = self.case_ids[index]
-        kept = set(case_ids.tolist())
-        return SliceSet(self.images[index], self.brain[index], self.lesion[index], case_ids,
-                        self.slice_index[index],
-                        {c: g for c, g in self.geometries.items() if c in kept})
-
-    @classmethod
-    def concat(cls, sets) -> "SliceSet":
-        """All slices of several sets, in order."""
-        sets = list(sets)
-        if not sets:
-            raise ValueError("concat needs at least one SliceSet")
-        return cls(*(np.concatenate([getattr(s, f) for s in sets])
-                     for f in ("images", "brain", "lesion", "case_ids", "slice_index")),
-                   geometries={c: g for s in sets for c, g in s.geometries.items()})
-
-    @property
-    def cases(self) -> list[str]:
-        """Sorted unique case IDs."""
-        return sorted(set(self.case_ids.tolist()))
-
-    def for_cases(self, ids) -> "SliceSet":
-        """The slices of the given cases."""
-        return self.subset(np.isin(self.case_ids, list(ids)))
-
-    def lesion_free(self) -> "SliceSet":
-        """Slices without any lesion pixel (the healthy training slices)."""
-        return self.subset(~self.lesion.any(axis=(1, 2)))
-
-
-def _digest(paths, params: PreprocessParams) -> str:
-    """Hash of the input files' bytes and the parameters: the cache key."""
+def _digest(paths, params: PreprocessParams, sequences=()) -> str:
+    """Hash of the input files' bytes, the parameters and (C >= 2) the channels' sequences:
+    the cache key."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps({"v": _CACHE_VERSION, **dataclasses.asdict(params)},
+    seqs = {"sequences": list(sequences)} if len(sequences) > 1 else {}
+    h.update(json.dumps({"v": _CACHE_VERSION, **dataclasses.asdict(params), **seqs},
                         sort_keys=True).encode())
     for p in paths:
         h.update(b"-" if p is None else b"+")
@@ -253,11 +180,16 @@ def _digest(paths, params: PreprocessParams) -> str:
 
 
 def _load_case(case: Case, params: PreprocessParams) -> dict[str, np.ndarray]:
-    volume = nifti.load_volume(case.image_path)
+    """One case's slices; several sequences stacked as channels, each normalised on its own
+    over one brain mask (the mask file's, else the first sequence's: `preprocess_volume`)."""
+    volumes = nifti.load_volumes(case.image_paths)  # co-registered, or DataError
+    volume = volumes[0]
     seg = nifti.load_seg(case.seg_path, volume) if case.seg_path else None
     mask = nifti.load_seg(case.mask_path, volume) if case.mask_path else None
-    images, brain, lesion, geometry = preprocess_volume(volume.data, params, mask, seg,
-                                                        name=case.image_path)
+    data = volume.data if len(volumes) == 1 else np.stack([v.data for v in volumes], -1)
+    images, brain, lesion, geometry = preprocess_volume(
+        data, params, mask, seg,
+        name=case.image_path if len(volumes) == 1 else list(case.image_paths))
     if lesion is None:
         lesion = np.zeros_like(brain)
     return {"images": images, "brain": brain, "lesion": lesion,
@@ -300,7 +232,8 @@ def load_slices(cases, params: PreprocessParams | None = None, *, cache_dir=None
     for case in cases:
         arrays = None
         if cache_dir is not None:
-            key = _digest([case.image_path, case.seg_path, case.mask_path], params)
+            key = _digest([*case.image_paths, case.seg_path, case.mask_path], params,
+                          case.sequences)
             cache = confined(cache_dir, f"{case.case_id}-{key}.npz")
             arrays = _read_cache(cache) if cache.is_file() else None
         if arrays is None:
@@ -313,7 +246,7 @@ def load_slices(cases, params: PreprocessParams | None = None, *, cache_dir=None
         n = len(arrays["images"])
         sets.append(SliceSet(arrays["images"], arrays["brain"], arrays["lesion"],
                              np.full(n, case.case_id), np.asarray(geometry.slices),
-                             {case.case_id: geometry}))
+                             {case.case_id: geometry}, case.sequences))
     return SliceSet.concat(sets)
 
 
@@ -340,32 +273,50 @@ def find_cases(data, modality="t2"):
 
     Args:
       data: "phantom", a BraTS-layout folder, a folder of healthy volumes, or one volume.
-      modality: image modality of a BraTS-layout dataset (t2, flair, t1, t1ce or aliases).
+      modality: image modality of a BraTS-layout dataset (t2, flair, t1, t1ce or aliases),
+        or several, "flair,t2", for channels (BraTS layout and phantom only: plain volumes
+        carry no sequence names to pair them by).
+
+    Raises:
+      ConfigError: an unknown or repeated sequence, or several for plain volumes.
+      DataError: as `find_brats_cases` / `find_volumes`.
     """
+    sequences = parse_modalities(modality)
+    recorded = {"modality": modality_text(sequences)}
     if str(data) == "phantom":
         root = phantom_dataset()
         return find_brats_cases(root, modality), {"source": "phantom", "path": str(root),
-                                                  "modality": modality}
+                                                   **recorded}
     path = Path(data)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (give a BraTS folder, a folder of "
                         "volumes, a .nii/.nii.gz volume, or 'phantom')")
+    single_case = path.is_dir() and any(
+        nifti.volume_stem(p).lower().endswith(("_seg", "-seg"))
+        for p in _niftis(path))  # one BraTS case folder
+    if path.is_dir() and (single_case or any(p.is_dir() for p in path.iterdir())
+                          or (path / "dataset.json").exists()):
+        return find_brats_cases(path, modality), {"source": "brats", "path": str(path),
+                                                   **recorded}
+    if len(sequences) > 1:
+        raise ConfigError(f"{path}: several sequences ({recorded['modality']}) need the BraTS "
+                          "layout, each case a folder <ID>/<ID>_<sequence>.nii.gz holding "
+                          "every sequence; a single volume or a folder of plain volumes "
+                          "holds one sequence")
     if path.is_file():
         desc = {"source": "volume", "path": str(path)}
         return [Case(case_id=nifti.volume_stem(path), image_path=path)], desc
-    single_case = any(nifti.volume_stem(p).lower().endswith(("_seg", "-seg"))
-                      for p in _niftis(path))  # one BraTS case folder
-    if single_case or any(p.is_dir() for p in path.iterdir()) \
-            or (path / "dataset.json").exists():
-        return find_brats_cases(path, modality), {"source": "brats", "path": str(path),
-                                                  "modality": modality}
     return find_volumes(path), {"source": "healthy", "path": str(path)}
 
 
 def load_dataset(data, modality="t2", *, params=None, progress=False):
     """(SliceSet of every case, description) with the on-disk slice cache.
 
-    `params`: PreprocessParams (None: the defaults, the model's)."""
+    Args:
+      data, modality: as `find_cases`; with several sequences ("flair,t2") the images are
+        (S, H, W, C), channels in that order, each normalised on its own over the brain.
+      params: PreprocessParams (None: the defaults, the model's); `size=128` for 128x128.
+    """
     cases, desc = find_cases(data, modality)
     return load_slices(cases, params, cache_dir=cache_root() / "slices",
                        progress=progress), desc
@@ -380,15 +331,16 @@ def equalized(slices: SliceSet) -> np.ndarray:
     pixels are 0.
 
     Returns:
-      (S, H, W) float32.
+      float32 of the images' shape ((S, H, W), or (S, H, W, C): each channel on its own).
     """
     out = np.zeros(slices.images.shape, np.float32)
     for case in slices.cases:
         rows = np.flatnonzero(slices.case_ids == case)
         brain = slices.brain[rows]
-        values = slices.images[rows][brain]
-        ordered = np.sort(values)
+        values = slices.images[rows][brain]  # (n,) or (n, C)
+        ranks = [np.searchsorted(np.sort(v), v, side="right")
+                 for v in values.reshape(len(values), -1).T]
         part = out[rows]
-        part[brain] = np.searchsorted(ordered, values, side="right") / max(values.size, 1)
+        part[brain] = np.stack(ranks, -1).reshape(values.shape) / max(len(values), 1)
         out[rows] = part
     return out

@@ -187,6 +187,34 @@ def load_volume(path, *, volume_index: int | None = None) -> Volume:
                   path=None if path is None else Path(path))
 
 
+def load_volumes(paths, *, volume_index: int | None = None) -> list[Volume]:
+    """Load co-registered volumes (one case's sequences), checked to share one voxel grid.
+
+    Args:
+      paths: files or in-memory images, as `load_volume` takes them.
+      volume_index: as `load_volume`, for each.
+
+    Returns:
+      The `Volume`s in order; their `data` share one reoriented grid (stack them as channels).
+
+    Raises:
+      DataError: as `load_volume`, or a volume whose shape or affine differs from the first's
+        (the message names both files).
+    """
+    paths = list(paths)
+    volumes = [load_volume(p, volume_index=volume_index) for p in paths]
+    first = volumes[0] if volumes else None
+    for v, p in zip(volumes[1:], paths[1:], strict=True):
+        pair = f"{source_name(p)} vs {source_name(paths[0])}"
+        if tuple(v.shape) != tuple(first.shape):
+            raise DataError(f"{pair}: shapes {tuple(v.shape)} != {tuple(first.shape)}; the "
+                            "sequences of a case must be co-registered (one voxel grid)")
+        if not np.allclose(v.affine, first.affine, atol=1e-3):  # as load_seg
+            raise DataError(f"{pair}: affines differ, the sequences are not co-registered "
+                            f"(resample them onto one grid)\n{v.affine}\n!=\n{first.affine}")
+    return volumes
+
+
 def load_seg(path, reference: Volume) -> np.ndarray:
     """Load a label map (tumour segmentation or brain mask) aligned with `reference`.
 

@@ -239,28 +239,41 @@ def preprocess_volume(volume_data: np.ndarray, params: PreprocessParams = Prepro
                       name=None):
     """Turn one reoriented volume into normalised size x size axial brain slices.
 
+    Several co-registered sequences of one case (channels, last axis) share one brain mask:
+    the mask file's, else the first sequence's brain (`brain_mask` of channel 0), so every
+    channel has the same brain and the same kept slices; each channel is then normalised on
+    its own over that brain (z-score, background 0, clip), as one volume is.
+
     Args:
-      volume_data: (X, Y, Z) intensities, last axis axial (`Volume.data`).
+      volume_data: (X, Y, Z) intensities, last axis axial (`Volume.data`), or (X, Y, Z, C)
+        for C co-registered sequences.
       params: `PreprocessParams`.
       mask: optional (X, Y, Z) bool brain mask; detected from the background when None.
       lesion: optional (X, Y, Z) bool lesion mask (e.g. seg > 0).
-      name: file name for error messages.
+      name: file name for error messages (with channels: one name per channel, or one).
 
     Returns:
-      images (S, size, size) float32, brain (S, size, size) bool, lesion (S, size, size) bool
-      or None, and the `SliceGeometry` for `maps_to_volume`.
+      images (S, size, size) float32 ((S, size, size, C) for a 4D input), brain
+      (S, size, size) bool, lesion (S, size, size) bool or None, and the `SliceGeometry`
+      for `maps_to_volume`.
 
     Raises:
       DataError: bad mask shapes, empty brain, constant brain, no slice left to keep.
     """
     volume_data = np.asarray(volume_data)
-    if volume_data.ndim != 3:
-        raise DataError(f"{_where(name)}expected a 3D volume, got shape {volume_data.shape}")
-    if lesion is not None and np.shape(lesion) != volume_data.shape:
+    channels = volume_data.ndim == 4
+    stack = np.moveaxis(volume_data, -1, 0) if channels else volume_data[None]
+    names = list(name) if channels and isinstance(name, list | tuple) else [name] * len(stack)
+    name = names[0]
+    if volume_data.ndim not in (3, 4) or len(names) != len(stack):
+        raise DataError(f"{_where(name)}expected a 3D volume (or 4D: sequences as channels, "
+                        f"one name each), got shape {volume_data.shape}")
+    if lesion is not None and np.shape(lesion) != stack.shape[1:]:
         raise DataError(f"{_where(name)}lesion mask shape {np.shape(lesion)} != "
-                        f"image shape {volume_data.shape}")
-    brain = brain_mask(volume_data, mask, name=name)
-    image = normalise(volume_data, brain, params.clip, name=name)
+                        f"image shape {stack.shape[1:]}")
+    brain = brain_mask(stack[0], mask, name=name)
+    normalised = [normalise(v, brain, params.clip, name=n)
+                  for v, n in zip(stack, names, strict=True)]
 
     # axial extent of the brain, minus a margin at each end
     z_brain = np.flatnonzero(brain.any(axis=(0, 1)))
@@ -272,18 +285,20 @@ def preprocess_volume(volume_data: np.ndarray, params: PreprocessParams = Prepro
     if params.crop:  # the brain's in-plane extent over the kept axial range
         extent = [np.flatnonzero(brain[:, :, zs].any(axis=(a, 2))) for a in (1, 0)]
         box = [(int(e[0]), int(e[-1])) for e in extent]
-    (ax, ay), pads, square = _down_matrices(volume_data.shape[:2], params.size, box)
+    (ax, ay), pads, square = _down_matrices(stack.shape[1:3], params.size, box)
     brain_small = _downsample(brain, zs, ax, ay) >= 0.5
     keep = brain_small.sum(axis=(1, 2)) >= params.min_brain_pixels
     if not keep.any():
         raise DataError(f"{_where(name)}no axial slice has {params.min_brain_pixels} brain pixels "
                         f"at {params.size}x{params.size}")
     zs, brain_small = zs[keep], brain_small[keep]
-    images = _downsample(image, zs, ax, ay).astype(np.float32)
+    images = np.stack([_downsample(v, zs, ax, ay).astype(np.float32) for v in normalised],
+                      axis=-1 if channels else 0)
+    images = images if channels else images[0]
     lesion_small = None
     if lesion is not None:
         lesion_small = _downsample(np.asarray(lesion, bool), zs, ax, ay) >= 0.5
-    geometry = SliceGeometry(native_shape=tuple(int(s) for s in volume_data.shape),
+    geometry = SliceGeometry(native_shape=tuple(int(s) for s in stack.shape[1:]),
                              slices=tuple(int(z) for z in zs), pad=tuple(pads), square=square,
                              size=params.size)
     return images, brain_small, lesion_small, geometry

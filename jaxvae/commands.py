@@ -33,6 +33,7 @@ def cmd_train(args):
     from jaxvae.config import AugmentConfig, TrainConfig
     from jaxvae.data import datasets, splits
     from jaxvae.data.preprocess import PreprocessParams
+    from jaxvae.data.sequences import parse_modalities
     from jaxvae.train import train
 
     _check_outputs(args.out, [], args.overwrite)  # a file in the way: refuse before loading
@@ -42,12 +43,13 @@ def cmd_train(args):
     # the settings before the data: a bad value is refused before minutes of loading
     preprocess = PreprocessParams(**dict(args.preprocess), size=args.image_size)
     augmentation = AugmentConfig(**dict(args.augmentation))
+    modality = args.modality or "t2"
+    n_seq = len(parse_modalities(modality))  # several sequences: the model's channels
     TrainConfig(latent_dim=args.latent_dim, channels=args.channels, augmentation=augmentation,
-                image_size=args.image_size)
+                image_size=args.image_size, in_channels=n_seq)
     if args.coordinator:
         from jaxvae.parallel import initialize_distributed
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    modality = args.modality or "t2"
     slices, desc = datasets.load_dataset(args.data, modality, params=preprocess, progress=True)
     if preprocess != PreprocessParams():  # recorded when not the default (older runs resume)
         desc = {**desc, "preprocess": dataclasses.asdict(preprocess)}
@@ -73,7 +75,7 @@ def cmd_train(args):
                       checkpoint_every=args.checkpoint_every,
                       keep_checkpoints=args.keep_checkpoints, augment=args.augment,
                       augmentation=augmentation, channels=args.channels,
-                      image_size=args.image_size,
+                      image_size=args.image_size, in_channels=n_seq,
                       patience=args.patience, max_steps=args.max_steps, data=data)
     t0 = time.time()
     try:
@@ -133,6 +135,7 @@ def _run_and_data(args):
     from jaxvae.checkpoint import load_run
     from jaxvae.config import preprocess_of
     from jaxvae.data import datasets, splits
+    from jaxvae.data.sequences import check_sequences
 
     model, params, cfg, info = load_run(args.run, with_info=True)  # the best-val checkpoint
     d = cfg.data or {}
@@ -140,6 +143,7 @@ def _run_and_data(args):
     own = "phantom" if d.get("source") == "phantom" else d.get("path")
     modality = args.modality or d.get("modality") or "t2"
     split = splits.run_split(d)
+    check_sequences(d.get("modality"), args.modality)  # a multi-sequence run: same channels
     if own is None and args.data is None:
         raise ConfigError(f"{args.run}: the run records no data path; give --data")
     val = slices = None
@@ -201,8 +205,8 @@ def cmd_score(args):
     settings = _settings(args)  # bad flags before slow loading
     _check_outputs(args.out, [], args.overwrite)
     model, params, cfg = load_run(args.run)
-    inputs = score.find_inputs(args.input, modality=args.modality,
-                               trained=(cfg.data or {}).get("modality"))
+    trained = (cfg.data or {}).get("modality")
+    inputs = score.find_inputs(args.input, modality=args.modality, trained=trained)
     if args.mask and len(inputs) > 1:
         raise ConfigError("--mask applies to a single --input volume, not a folder")
     seg = segment.load(args.run) if args.segment else None
@@ -217,7 +221,8 @@ def cmd_score(args):
                                              mask=args.mask, settings=settings,
                                              overwrite=args.overwrite, png=args.png,
                                              volume_index=args.volume_index,
-                                             preprocess=preprocess_of(cfg), segmenter=seg)
+                                             preprocess=preprocess_of(cfg), segmenter=seg,
+                                             modality=args.modality or trained)
         except JaxvaeError as e:
             if args.strict or len(inputs) == 1:
                 raise

@@ -183,8 +183,9 @@ def _from_dict(cls, d, what):
 
 
 def preprocess_of(cfg: TrainConfig) -> PreprocessParams:
-    """The PreprocessParams a run was trained with (its data description; default if none)."""
-    return PreprocessParams(**(cfg.data or {}).get("preprocess", {}))
+    """The PreprocessParams a run was trained with (its data description; default if none),
+    at the model's image size."""
+    return PreprocessParams(**{"size": cfg.image_size, **(cfg.data or {}).get("preprocess", {})})
 
 
 def model_from_config(cfg: TrainConfig) -> ConvVAE:

@@ -229,7 +229,7 @@ def cmd_score(args):
             failed.append(path)
             # tqdm.write: on its own line, not glued to the progress bar
             tqdm.write(f"jaxvae score: skipped: {one_line(e)}", file=sys.stderr)
-    print(f"wrote {len(written)} files for {len(inputs) - len(failed)} volume(s) to {args.out}"
+    print(f"wrote {len(written)} file(s) for {len(inputs) - len(failed)} volume(s) to {args.out}"
           + (f" (with {seg.name}'s probability map and mask at the validation threshold "
              f"{seg.threshold:.3g})" if seg else "") + (f"; {len(failed)} skipped" if failed
                                                          else ""))

@@ -94,7 +94,7 @@ def _map_batches(model, params, images, *, beta=1.0, settings=EvalSettings(), pr
 
     wanted = check_predictors(settings.predictors, KNOWN_PREDICTORS)
     grad_preds = tuple(p for p in wanted if p != "proj_rec_error")
-    policy = execution.current()
+    policy = execution.current().for_model(model)  # chunks of the model's image size
     key = jax.random.key(settings.seed)
     todo = list(enumerate(score.batches(len(images), settings.batch_size)))
     for b, (idx, n) in tqdm(todo, desc=desc, disable=not progress, unit="batch"):

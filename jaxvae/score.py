@@ -58,7 +58,8 @@ def maps(model, params, x, *, policy=None, mesh=None, key=None, combi_group=COMB
     Args:
       model, params: the ConvVAE (any conv_impl: the policy's form is used) and parameters.
       x: (N, H, W, C) float32 images.
-      policy: an ExecutionPolicy (default: execution.current()).
+      policy: an ExecutionPolicy (default: execution.current() at the model's image
+        size, `ExecutionPolicy.for_model`).
       mesh: a device mesh to split the batch over; None = every local device when there
         are several, else none.
       key: PRNG key of the Monte-Carlo draws (n_samples > 0); chunk i draws with
@@ -70,7 +71,7 @@ def maps(model, params, x, *, policy=None, mesh=None, key=None, combi_group=COMB
     Returns:
       dict name -> (N, H, W) map (jax.Array), the same maps as one `anomaly_maps` call.
     """
-    policy = execution.current() if policy is None else policy
+    policy = execution.current().for_model(model) if policy is None else policy
     params, x, n, policy = _placed(params, x, policy, mesh)
     model = policy.inference_model(model)
     chunk = policy.chunk_size
@@ -96,7 +97,7 @@ def project(model, params, x, *, policy=None, mesh=None, lam=1.0, steps=100, lr=
       (x_projected (N, H, W, C), map (N, H, W)), as one `jaxvae.project` call.
     """
     projection.check_args(lam=lam, steps=steps, lr=lr, map_kind=map_kind)
-    policy = execution.current() if policy is None else policy
+    policy = execution.current().for_model(model) if policy is None else policy
     params, x, n, policy = _placed(params, x, policy, mesh)
     model = policy.inference_model(model)
     x = jnp.asarray(x)

@@ -266,9 +266,7 @@ def volume_maps(run, volume, *, settings=None, mask=None, segmenter="auto",
     settings = _settings(settings, segmenter)
     trained = (cfg.data or {}).get("modality")
     check_sequences(trained, modality)
-    preprocess = preprocess_of(cfg)
-    if "size" not in (cfg.data or {}).get("preprocess", {}):  # not recorded: the model's
-        preprocess = dataclasses.replace(preprocess, size=getattr(cfg, "image_size", 64))
+    preprocess = preprocess_of(cfg)  # at the model's image size where none was recorded
     sources, _, _ = _case_inputs(volume, modality or trained, getattr(cfg, "in_channels", 1))
     loaded = nifti.load_volumes(sources, volume_index=volume_index)
     out, _, _ = _volume_maps(model, params, loaded, beta=cfg.beta, settings=settings,

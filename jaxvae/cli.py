@@ -26,13 +26,14 @@ from jsonargparse import ArgumentParser
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
 from jaxvae.commands import COMMANDS, one_line
-from jaxvae.config import AugmentConfig
+from jaxvae.config import DEFAULT_LR, PATIENCE_STEPS, STEP_BUDGET, AugmentConfig
 from jaxvae.data.preprocess import PreprocessParams
 from jaxvae.errors import ConfigError, JaxvaeError
 
 EPILOG = {
     "train": "example: jaxvae train --data ../shared/data/brats2018_flair --modality flair "
-             "--folds 2 --fold 0 --latent-dim 64 --epochs 100 --out runs/l64-f0; or "
+             "--folds 2 --fold 0 --latent-dim 64 --out runs/l64-f0 (trains until the "
+             "validation loss plateaus); or "
              "jaxvae train --config train.yaml --out runs/x (keys: the flags' names)",
     "score": "example: jaxvae score --run runs/l64-f0 --input case_flair.nii.gz "
              "--predictors rec_grad,kl_grad --out maps/ --png",
@@ -81,9 +82,11 @@ def _train_args(p):
     p.add_argument("--modality", default=None, help="default: t2")
     p.add_argument("--latent-dim", type=PositiveInt, default=256)
     p.add_argument("--beta", type=NonNegativeFloat, default=1.0)
-    p.add_argument("--epochs", type=PositiveInt, default=500)
+    p.add_argument("--epochs", type=PositiveInt | None, default=None,
+                   help="cap on epochs (default: none; the plateau rule or --max-steps ends "
+                        "the run)")
     p.add_argument("--batch-size", type=PositiveInt, default=64)
-    p.add_argument("--lr", type=PositiveFloat, default=1e-4)
+    p.add_argument("--lr", type=PositiveFloat, default=DEFAULT_LR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64,
                    help="slices are resized to this size (64 or 128); the run remembers it")
@@ -98,10 +101,12 @@ def _train_args(p):
                         "(instead of --folds); in a config file also the object itself")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction of the training cases held out for validation (at least one)")
-    p.add_argument("--patience", type=int, default=0,
-                   help="stop after this many epochs without a better validation loss (0: off)")
-    p.add_argument("--max-steps", type=int, default=0,
-                   help="stop after this many optimiser steps (0: no cap)")
+    p.add_argument("--patience", type=int, default=PATIENCE_STEPS,
+                   help="the plateau rule: stop once this many optimiser steps have passed "
+                        "since the best validation loss (0: off)")
+    p.add_argument("--max-steps", type=int, default=STEP_BUDGET,
+                   help="step budget: stop after this many optimiser steps (0: no cap, then "
+                        "give --epochs)")
     p.add_argument("--max-slices", type=PositiveInt | None, default=None,
                    help="cap the training set (a seeded random subset)")
     p.add_argument("--checkpoint-every", type=PositiveInt, default=10, help="in epochs")

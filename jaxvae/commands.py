@@ -71,7 +71,7 @@ def cmd_train(args):
     data = splits.split_description(desc, folds=args.folds, fold=args.fold, seed=args.seed,
                                       split=split, n_train_slices=len(train_set))
     cfg = TrainConfig(latent_dim=args.latent_dim, beta=args.beta, lr=args.lr,
-                      batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
+                      batch_size=args.batch_size, epochs=args.epochs or 0, seed=args.seed,
                       checkpoint_every=args.checkpoint_every,
                       keep_checkpoints=args.keep_checkpoints, augment=args.augment,
                       augmentation=augmentation, channels=args.channels,
@@ -88,7 +88,7 @@ def cmd_train(args):
     what = ("the lesion-free slices of " if sick & set(split.train) else "") + \
         f"{len(train_set)} slices of {len(split.train)} cases"
     seg = _fit_segmenter(args.out, val_set) if sick & set(split.val) else ""
-    print(f"trained on {what}; {_progress_line(history)} in {time.time() - t0:.0f} s; "
+    print(f"trained on {what}; {_progress_line(history, cfg)} in {time.time() - t0:.0f} s; "
           f"{len(split.val)} validation, {len(split.test)} test cases; run directory: "
           f"{args.out} (split.json, metrics.jsonl, loss.png{seg})")
 
@@ -110,9 +110,10 @@ def _fit_segmenter(run_dir, val) -> str:
     return f", segmenter.json: {seg['name']} at the validation threshold"
 
 
-def _progress_line(history) -> str:
-    """'N optimiser steps (E epochs, stopped by ...), best val loss X at step S'."""
-    from jaxvae.train import summarize
+def _progress_line(history, cfg) -> str:
+    """'N optimiser steps (E epochs, stopped by ...), ..., best val loss X at step S;
+    converged: ...' (`validation.convergence`)."""
+    from jaxvae.validation import convergence, summarize
 
     if not history:
         return "no epoch trained"
@@ -121,7 +122,7 @@ def _progress_line(history) -> str:
     line += f", final loss {history[-1]['loss']:.1f}"
     if s.get("best_val_loss") is not None:
         line += f", best val loss {s['best_val_loss']:.1f} at step {s['best_step']}"
-    return line
+    return f"{line}; {convergence(history, cfg)}"
 
 
 def _same_data(a, b) -> bool:

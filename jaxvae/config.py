@@ -18,6 +18,14 @@ from jaxvae.model import IMAGE_SIZES, ConvVAE
 # the steps compute.
 SCHEDULE_FIELDS = ("epochs", "checkpoint_every", "keep_checkpoints", "patience", "max_steps")
 
+# `jaxvae train`'s schedule when no schedule flag is given: train until the validation loss
+# stops improving (the plateau rule: PATIENCE_STEPS optimiser steps without a new best), at
+# most STEP_BUDGET steps, no epoch cap. Measured on ixi_t1 (T1) and brats2018_flair (FLAIR):
+# README, "Training to convergence".
+DEFAULT_LR = 5e-4
+PATIENCE_STEPS = 1000
+STEP_BUDGET = 20000
+
 
 def _count(value) -> int:
     """value as an int if it is one (numpy's too; not a bool, float or string), else -1."""
@@ -89,13 +97,16 @@ class TrainConfig:
       beta: KL weight of the beta-VAE loss.
       lr: Adam learning rate.
       batch_size: global batch size (a multiple of the device count).
-      epochs: total number of epochs of the run (a resumed run trains up to this).
+      epochs: total number of epochs of the run (a resumed run trains up to this); 0 = no
+        cap on epochs (then max_steps must be set: the plateau rule or the step budget ends
+        the run).
       seed: seeds initialisation, data order, augmentation and z samples.
       checkpoint_every: save a checkpoint every this many epochs (and at the end).
       keep_checkpoints: number of most recent checkpoints kept (the checkpoint with the
         lowest validation loss is kept besides them).
-      patience: stop after this many consecutive epochs without a new lowest validation
-        loss (needs validation images); 0 = off.
+      patience: stop once this many optimiser steps have passed since the lowest
+        validation loss (checked at epoch ends; needs validation images); 0 = off. Counted
+        in steps, so datasets of any size follow one plateau rule.
       max_steps: stop after this many optimiser steps in total, even inside an epoch;
         0 = no cap (only `epochs` counts).
       augment: apply `augmentation` on the fly.
@@ -144,6 +155,9 @@ class TrainConfig:
         if self.epochs < 0 or self.beta < 0 or not self.lr > 0:
             raise ConfigError(f"need epochs >= 0, beta >= 0, lr > 0 (got epochs={self.epochs}, "
                               f"beta={self.beta}, lr={self.lr})")
+        if not self.epochs and not self.max_steps:
+            raise ConfigError("epochs=0 (no epoch cap) needs max_steps > 0: a step budget "
+                              "that ends the run if the validation loss never plateaus")
         if len(self.channels) != 4 or min(self.channels) < 1:
             raise ConfigError(f"channels must be 4 positive ints, got {self.channels}")
         size, c = _count(self.image_size), _count(self.in_channels)

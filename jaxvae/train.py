@@ -25,7 +25,8 @@ latest ones (jaxvae.checkpoint); `load_run` loads it by default.
 
 When to stop is a pure function of the config, the global step and metrics.jsonl
 (`stop_reason`), so a resumed run stops where the uninterrupted one does: after `epochs`;
-after `patience` epochs without a new best validation loss; or after exactly `max_steps`
+once `patience` optimiser steps have passed since the best validation loss (the plateau
+rule, checked at epoch ends); or after exactly `max_steps`
 optimiser steps, inside an epoch if need be (that epoch's line is then marked "partial",
 with the validation loss of the step reached; a resume with a larger cap continues the
 epoch and replaces the line). A checkpoint is saved where training stops, the last line
@@ -59,6 +60,7 @@ from jaxvae.model import ConvVAE, init_params
 from jaxvae.rundir import RunDir
 from jaxvae.validation import (  # noqa: F401 (re-exported)
     LOSS_CURVE_FILE,
+    convergence,
     stop_reason,
     summarize,
     val_step_for,
@@ -262,7 +264,7 @@ def train(cfg: TrainConfig | None, images: np.ndarray, run_dir, *, resume: bool 
                           f"validation images were given; pass val_images or set patience=0")
     n, bsz = images.shape[0], cfg.batch_size
     spe = n // bsz  # steps per epoch: the last partial batch is dropped
-    limit = cfg.epochs * spe if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * spe)
+    limit = min(c for c in (cfg.epochs * spe, cfg.max_steps) if c)  # 0 = no cap
     run = RunDir(run_dir, cfg, {
         "n_images": n, "batch_size": bsz, "steps_per_epoch": spe,
         "fingerprint": fingerprint(images),

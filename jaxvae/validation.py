@@ -117,27 +117,59 @@ def stop_reason(history: list[dict], cfg: TrainConfig, step: int,
 
     A pure function of its arguments, so a resumed run stops where an uninterrupted one
     does. Lines marked "partial" (an epoch cut by max_steps) do not count for patience.
+    Patience counts optimiser steps, not epochs, so that a 400-slice and a 9,000-slice
+    dataset follow the same plateau rule; the validation loss is measured at epoch ends,
+    so the rule is checked there.
 
     Args:
-      history: metrics.jsonl lines so far.
+      history: metrics.jsonl lines so far (a line without "step" is taken to end its epoch:
+        epoch * steps_per_epoch).
       cfg: the run's config (epochs, patience, max_steps).
       step: global optimiser steps done.
       steps_per_epoch: optimiser steps per epoch.
 
     Returns:
-      "patience": the last `cfg.patience` complete epochs brought no val_loss strictly
-      below the best before them; "epochs": all epochs are done; "max_steps": `step`
-      reached cfg.max_steps; None otherwise (checked in this order).
+      "patience": at least `cfg.patience` optimiser steps were done since the step of the
+      lowest val_loss (the first of equal ones: a tie is no better); "epochs": all epochs
+      are done (cfg.epochs > 0); "max_steps": `step` reached cfg.max_steps; None otherwise
+      (checked in this order).
     """
-    vals = [h["val_loss"] for h in history
-            if not h.get("partial") and h.get("val_loss") is not None]
-    if cfg.patience and vals and len(vals) - 1 - int(np.argmin(vals)) >= cfg.patience:
-        return "patience"  # argmin is the first minimum: equal is not better
-    if step >= cfg.epochs * steps_per_epoch:
+    scored = [(h["val_loss"], h.get("step", h["epoch"] * steps_per_epoch)) for h in history
+              if not h.get("partial") and h.get("val_loss") is not None]
+    if cfg.patience and scored:
+        best_step = scored[int(np.argmin([v for v, _ in scored]))][1]  # the first minimum
+        if step - best_step >= cfg.patience:
+            return "patience"
+    if cfg.epochs and step >= cfg.epochs * steps_per_epoch:
         return "epochs"
     if cfg.max_steps and step >= cfg.max_steps:
         return "max_steps"
     return None
+
+
+def convergence(history: list[dict], cfg: TrainConfig) -> str:
+    """How a finished run ended, in words: converged by the plateau rule, or not.
+
+    Args:
+      history: metrics.jsonl lines (the last one carries "stop").
+      cfg: the run's config (patience).
+
+    Returns:
+      e.g. "converged: no lower validation loss in the last 1000 steps" or "NOT converged:
+      stopped by max_steps with the validation loss still falling (new best within the last
+      1000 steps)".
+    """
+    s = summarize(history)
+    if s["stop"] == "patience":
+        return f"converged: no lower validation loss in the last {cfg.patience} steps"
+    if s["best_val_loss"] is None:
+        return f"no validation: stopped by {s['stop']}, convergence unknown"
+    since = s["steps"] - s["best_step"]
+    if not cfg.patience:
+        return (f"stopped by {s['stop']} without a plateau rule (patience 0); the best "
+                f"validation loss is {since} steps old")
+    return (f"NOT converged: stopped by {s['stop']} with the validation loss still falling "
+            f"(new best {since} steps before the end, patience {cfg.patience})")
 
 
 def summarize(history: list[dict]) -> dict:

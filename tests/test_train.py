@@ -26,6 +26,7 @@ from jaxvae.config import SCHEDULE_FIELDS, AugmentConfig, TrainConfig, model_fro
 from jaxvae.errors import ConfigError, DataError, OutputError, RunError
 from jaxvae.model import ConvVAE
 from jaxvae.train import (
+    convergence,
     epoch_permutation,
     init_state,
     make_train_step,
@@ -462,7 +463,7 @@ def _resume_equals_uninterrupted(tmp_path, run, cfg, data, child_env, val=None) 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, child_env):
     # with validation and patience: the val losses, and so where patience would stop, must
     # repeat too (on this data the val loss keeps falling: the run ends by epochs)
-    run, data, cfg = tmp_path / "run", images(64), tiny(**EXACT, patience=2)
+    run, data, cfg = tmp_path / "run", images(64), tiny(**EXACT, patience=8)
     val = images(12, seed=3)
     proc = _start_child(tmp_path, run, cfg, data, "fresh", child_env, val)
     _wait_for_checkpoint(proc, run)
@@ -586,10 +587,11 @@ def test_best_checkpoint_is_kept_and_loaded_by_default(tmp_path, monkeypatch):
 
 
 def test_patience_stops_and_a_resumed_run_stops_at_the_same_epoch(tmp_path, monkeypatch):
-    # best 3.0 at epoch 4, then 3 epochs without a lower one: patience 3 stops after epoch 7
+    # best 3.0 at epoch 4 (step 8), then 3 epochs (6 steps) without a lower one: patience 6
+    # (steps) stops after epoch 7
     scripted = ScriptedVal([5, 4, 4.5, 3, 3.5, 3.2, 3.0, 2.0, 2.5, 2.6, 2.7, 2.0, 1.0])
     monkeypatch.setattr(TRAIN_MODULE, "validation_loss", scripted)
-    data, cfg = images(32), tiny(epochs=20, patience=3, checkpoint_every=2)
+    data, cfg = images(32), tiny(epochs=20, patience=6, checkpoint_every=2)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     params, hist = train(cfg, data, whole, progress=False, val_images=VAL)
     assert [h["epoch"] for h in hist] == list(range(1, 8))
@@ -609,8 +611,8 @@ def test_patience_stops_and_a_resumed_run_stops_at_the_same_epoch(tmp_path, monk
     assert leaves_equal(params3, params) and hist3[-1]["stop"] == "patience"
     assert len(metric_lines(whole)) == 7
     # more patience (a schedule field) continues: 2.0 at epoch 8 is a new best, then 4
-    # epochs without a lower one (epoch 12 only equals it)
-    _, hist4 = train(dataclasses.replace(cfg, patience=4), data, whole, resume=True,
+    # epochs (8 steps) without a lower one (epoch 12 only equals it)
+    _, hist4 = train(dataclasses.replace(cfg, patience=8), data, whole, resume=True,
                      progress=False, val_images=VAL)
     assert [h.get("stop") for h in hist4][6:] == [None] * 5 + ["patience"]
     assert metric_lines(whole) == hist4 and best_step(whole) == (16, 2.0)
@@ -620,7 +622,7 @@ def test_patience_stops_and_a_resumed_run_stops_at_the_same_epoch(tmp_path, monk
 
 
 def test_stop_reason_is_a_function_of_the_history():
-    cfg = tiny(epochs=10, patience=2)
+    cfg = tiny(epochs=10, patience=4)  # steps: two epochs of 2 steps
 
     def lines(*vals):
         return [{"epoch": i + 1, "val_loss": v} for i, v in enumerate(vals)]
@@ -632,10 +634,42 @@ def test_stop_reason_is_a_function_of_the_history():
     # a partial line (epoch cut by max_steps) does not count
     assert stop_reason(lines(3, 2, 2.5) + [{"epoch": 4, "val_loss": 9, "partial": True}],
                        cfg, 7, 2) is None
-    assert stop_reason(lines(3, 2), cfg, 20, 2) == "epochs"
+    assert stop_reason(lines(3, 2), dataclasses.replace(cfg, patience=100), 20, 2) == "epochs"
     assert stop_reason([], dataclasses.replace(cfg, max_steps=5), 5, 2) == "max_steps"
     assert stop_reason([], dataclasses.replace(cfg, max_steps=5), 4, 2) is None
     assert stop_reason(lines(1, 2, 3), dataclasses.replace(cfg, patience=0), 6, 2) is None
+
+
+def test_patience_counts_optimiser_steps_whatever_the_epoch_length():
+    # one rule for a 400-slice and a 9,000-slice dataset: 1000 steps since the best
+    cfg = tiny(epochs=0, max_steps=20000, patience=1000)
+    small = [{"epoch": e, "step": 6 * e, "val_loss": 10.0 - (e == 50)} for e in range(1, 218)]
+    large = [{"epoch": e, "step": 136 * e, "val_loss": 10.0 - (e == 3)} for e in range(1, 11)]
+    assert stop_reason(small[:216], cfg, 6 * 216, 6) is None  # 996 steps since step 300
+    assert stop_reason(small, cfg, 6 * 217, 6) == "patience"  # 1002
+    assert stop_reason(large[:9], cfg, 136 * 9, 136) is None  # 816 steps since step 408
+    assert stop_reason(large, cfg, 1360, 136) is None  # 952
+    assert stop_reason(large + [{"epoch": 11, "step": 1496, "val_loss": 10.0}], cfg, 1496,
+                       136) == "patience"  # 1088 >= 1000
+    # no epoch cap: only the budget or the plateau ends the run
+    falling = [{"epoch": e, "step": 136 * e, "val_loss": 1e4 - e} for e in range(1, 147)]
+    assert stop_reason(falling, cfg, 19856, 136) is None
+    assert stop_reason(falling, cfg, 20000, 136) == "max_steps"
+    with pytest.raises(ConfigError, match="epochs=0 .*needs max_steps"):
+        tiny(epochs=0, max_steps=0)
+
+
+def test_convergence_says_whether_the_plateau_rule_ended_the_run():
+    cfg = tiny(epochs=0, max_steps=3000, patience=1000)
+    hist = [{"epoch": 1, "step": 1000, "val_loss": 3.0}, {"epoch": 2, "step": 2000,
+                                                           "val_loss": 2.0, "stop": "patience"}]
+    assert convergence(hist, cfg).startswith("converged: no lower validation loss in the "
+                                             "last 1000 steps")
+    hist[-1]["stop"] = "max_steps"
+    assert convergence(hist, cfg).startswith("NOT converged: stopped by max_steps with the "
+                                             "validation loss still falling")
+    assert "convergence unknown" in convergence([{"epoch": 1, "step": 5, "stop": "epochs"}],
+                                                 cfg)
 
 
 def test_max_steps_stops_exactly_and_resume_continues_bit_identically(tmp_path):

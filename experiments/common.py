@@ -18,7 +18,6 @@ and a killed experiment continues where it stopped.
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ def parser(description, *, max_steps=3000):
     ap.add_argument("--max-steps", type=int, default=max_steps)
     ap.add_argument("--patience-steps", type=int, default=300,
                     help="stop after about this many optimiser steps without a better validation "
-                         "loss (the run's --patience in epochs: ceil(this / steps per epoch))")
+                         "loss (the run's --patience, in optimiser steps)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--proj-steps", type=int, default=100)
@@ -96,11 +95,6 @@ def load_folds(args):
     return out
 
 
-def patience_epochs(args, n_train: int) -> int:
-    """--patience-steps as the run's patience in epochs (epochs here are 1-10 steps long)."""
-    return math.ceil(args.patience_steps / max(1, n_train // args.batch_size))
-
-
 def trained(args, fold, split, train_set, val, data_desc, *, latent_dim, beta, seed):
     """Train (or resume, or just load) the run of one setting, seed and fold."""
     run = args.runs / (f"{args.tag}-{args.seq_tag}-l{latent_dim}-b{beta:g}-lr{args.lr:g}"
@@ -110,7 +104,7 @@ def trained(args, fold, split, train_set, val, data_desc, *, latent_dim, beta, s
                       epochs=100_000, seed=seed, checkpoint_every=50,
                       image_size=args.image_size,
                       in_channels=images.shape[-1] if images.ndim == 4 else 1,
-                      patience=patience_epochs(args, len(train_set)),
+                      patience=args.patience_steps,
                       max_steps=args.max_steps, data=data_desc)
     _, history = train(cfg, train_set.images, run, resume=True, progress=False,
                        val_images=val.lesion_free().images)

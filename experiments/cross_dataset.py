@@ -18,7 +18,6 @@ test cases cannot give an interval: the spread shown is over seeds only.
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -54,8 +53,7 @@ def parser():
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-steps", type=int, default=4000)
     ap.add_argument("--patience-steps", type=int, default=300,
-                    help="about this many steps without a better validation loss (in epochs: "
-                         "ceil(this / steps per epoch))")
+                    help="the plateau rule: steps without a better validation loss")
     ap.add_argument("--proj-steps", type=int, default=100)
     ap.add_argument("--untrained", action="store_true",
                     help="control: score the initial network of each seed (no training), with "
@@ -82,8 +80,7 @@ def train_run(args, seed, slices, desc):
                       batch_size=args.batch_size, epochs=100_000, image_size=args.image_size,
                       in_channels=images.shape[-1] if images.ndim == 4 else 1,
                       seed=seed, checkpoint_every=50,
-                      patience=math.ceil(args.patience_steps
-                                         / max(1, len(train_set) // args.batch_size)),
+                      patience=args.patience_steps,
                       max_steps=args.max_steps,
                       data=splits.split_description(desc, folds=1, fold=0, seed=seed,
                                                     split=split,

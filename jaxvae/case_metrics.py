@@ -198,7 +198,7 @@ class MapsAccumulator:
         return out
 
     def result(self, n_boot: int = 0, seed: int = 0, level: float = 0.95,
-               baseline: str = "intensity") -> dict:
+               baseline: str = "intensity", null: str = "best_null") -> dict:
         """{name: {"pooled", "per_case", "per_case_summary"}} as `evaluate_maps` returns.
 
         Args:
@@ -208,6 +208,8 @@ class MapsAccumulator:
           baseline: with n_boot, every other map also gets "vs_baseline": the paired
             bootstrap interval of its metric minus this map's (`paired_difference`), when
             this map is among the names.
+          null: likewise "vs_null": each map minus this one (the best fair null, chosen on
+            the calibration cases), when it is among the names.
 
         Returns:
           per name: "pooled": `Accumulator.result` keys, plus `dice_val`, `frac_above` for a
@@ -242,11 +244,12 @@ class MapsAccumulator:
                 pooled["ci"] = percentile_ci(samples[n], len(cases), level)
             out[n] = {"pooled": pooled, "per_case": rows,
                       "per_case_summary": summarize_cases(rows)}
-        if n_boot and baseline in samples:  # every map saw the same cases: paired draws
-            for n in self.names:
-                if n != baseline:
-                    out[n]["pooled"]["vs_baseline"] = {"baseline": baseline, **paired_difference(
-                        samples[n], samples[baseline], len(self._rows[n]), level)}
+        for key, ref in (("vs_baseline", baseline), ("vs_null", null)):
+            if n_boot and ref in samples:  # every map saw the same cases: paired draws
+                for n in self.names:
+                    if n != ref:
+                        out[n]["pooled"][key] = {"baseline": ref, **paired_difference(
+                            samples[n], samples[ref], len(self._rows[n]), level)}
         return out
 
 

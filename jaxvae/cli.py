@@ -160,6 +160,22 @@ def _evaluate_args(p):
                    help="fit the ensembles on the validation cases")
     p.add_argument("--ensemble-intensity", type=bool, default=True,
                    help="also the ensembles with the image intensity as a feature")
+    p.add_argument("--calibration", type=int, default=0,
+                   help="N lesion cases of the evaluated data per fold set aside to fit the "
+                        "thresholds, ensembles and nulls (a healthy-cohort run has no lesion "
+                        "to calibrate on); folds rotate so every case is tested once, never "
+                        "in its own fold's calibration; results pooled over folds (0: the "
+                        "run's validation cases)")
+    p.add_argument("--calibration-ids", default=None,
+                   help="comma-separated calibration case IDs instead of --calibration N")
+    p.add_argument("--calibration-data", default=None,
+                   help="take the calibration cases from this dataset instead (all of its "
+                        "cases, or --calibration N / --calibration-ids of them)")
+    p.add_argument("--calibration-seed", type=int, default=0,
+                   help="seed of the calibration folds")
+    p.add_argument("--untrained", action="store_true",
+                   help="score the run's initial network (its seed, no training): the "
+                        "untrained control")
     _eval_args(p)
 
 
@@ -222,6 +238,8 @@ def run_config_keys(d: dict) -> dict:
         if data.get(key) is not None:
             out[key] = data[key]
     out.get("preprocess", {}).pop("size", None)
+    if out.get("epochs") == 0:  # no epoch cap: the flag's default
+        out["epochs"] = None
     return out
 
 

@@ -131,8 +131,9 @@ def _same_data(a, b) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def _run_and_data(args):
-    """The run, its test slices and its validation slices (see `cmd_evaluate`)."""
+def _run_and_data(args, with_val=True):
+    """The run, its test slices and its validation slices (see `cmd_evaluate`; with_val
+    False: no validation slices are loaded)."""
     from jaxvae.checkpoint import load_run
     from jaxvae.config import preprocess_of
     from jaxvae.data import datasets, splits
@@ -148,7 +149,7 @@ def _run_and_data(args):
     if own is None and args.data is None:
         raise ConfigError(f"{args.run}: the run records no data path; give --data")
     val = slices = None
-    if own is not None and split is not None and split.val:
+    if with_val and own is not None and split is not None and split.val:
         if own != "phantom" and not Path(own).exists():
             raise ConfigError(f"{args.run}: its validation cases are in {own}, which is gone; "
                               "thresholds and the ensemble are fitted on them")
@@ -168,9 +169,31 @@ def _run_and_data(args):
     return model, params, cfg, test, val, info
 
 
+def _calibration(args, test, modality, preprocess):
+    """(folds, calibration SliceSet or None) of the --calibration* flags; None: none given."""
+    from jaxvae.data import datasets, splits
+
+    ids = [c.strip() for c in (args.calibration_ids or "").split(",") if c.strip()]
+    if args.calibration < 0:
+        raise ConfigError("--calibration must be >= 0")
+    if not (args.calibration or ids or args.calibration_data):
+        return None, None
+    if args.calibration_data is None or _same_data(args.calibration_data, args.data or ""):
+        return splits.calibration_folds(test.cases, n=args.calibration, ids=ids,
+                                        seed=args.calibration_seed), None
+    other, _ = datasets.load_dataset(args.calibration_data, modality, params=preprocess,
+                                     progress=True)
+    if args.calibration or ids:  # some of its cases: the first fold's calibration
+        other = other.for_cases(splits.calibration_folds(
+            other.cases, n=args.calibration, ids=ids, seed=args.calibration_seed)[0][1])
+    return [(test.cases, other.cases)], other
+
+
 def cmd_evaluate(args):
     from jaxvae import outputs, segment
-    from jaxvae.evaluate import overlay_slices, score_dataset
+    from jaxvae.config import preprocess_of
+    from jaxvae.evaluate import overlay_slices, score_calibrated, score_dataset
+    from jaxvae.train import init_state
 
     _check_outputs(args.out, outputs.OUTPUT_NAMES, args.overwrite)
     if not 0 < args.val_quantile < 1 or args.n_boot < 0:
@@ -179,19 +202,33 @@ def cmd_evaluate(args):
     settings = _settings(args, postprocess=args.postprocess, val_quantile=args.val_quantile,
                          n_boot=args.n_boot, ensemble=args.ensemble,
                          ensemble_intensity=args.ensemble_intensity)
-    model, params, cfg, test, val, info = _run_and_data(args)
+    calibrating = bool(args.calibration or args.calibration_ids or args.calibration_data)
+    model, params, cfg, test, val, info = _run_and_data(args, with_val=not calibrating)
+    if args.untrained:  # the control: the same seed's initial network, scored alike
+        import jax
+        params = jax.device_get(init_state(cfg)[0])
+        info = {"untrained": True, "seed": cfg.seed}
+    folds, cal_slices = _calibration(args, test, args.modality or (cfg.data or {}).get(
+        "modality") or "t2", preprocess_of(cfg))
     shown = overlay_slices(test)
     outputs.check_outputs(args.out, test, shown, overwrite=args.overwrite)
-    results, kept = score_dataset(model, params, test, val=val, beta=cfg.beta,
-                                  settings=settings, progress=True,
-                                  keep=[i for i, _ in shown])  # maps of the overlays only
+    keep = [i for i, _ in shown]  # maps of the overlays only
+    if folds is None:
+        results, kept = score_dataset(model, params, test, val=val, beta=cfg.beta,
+                                      settings=settings, progress=True, keep=keep)
+    else:
+        results, kept = score_calibrated(model, params, test, folds, cal_slices=cal_slices,
+                                         beta=cfg.beta, settings=settings, progress=True,
+                                         keep=keep)
     results["run"] = {"path": str(args.run), "checkpoint": info}
     seg = segment.from_calibration(results["calibration"], settings)
-    if seg is not None and segment.load(args.run) is None:  # fitted on the run's val cases
+    if seg is not None and folds is None and not args.untrained \
+            and segment.load(args.run) is None:  # fitted on the run's val cases
         segment.save(args.run, seg)  # a run trained before segmenters: score can now segment
         print(f"stored {args.run / segment.SEGMENTER_FILE} ({seg['name']})")
     md = outputs.write_evaluation(args.out, results, test, kept, shown, run_dir=args.run,
-                                  title=f"jaxvae evaluate {args.run}",
+                                  title=f"jaxvae evaluate {args.run}"
+                                  + (" (untrained control)" if args.untrained else ""),
                                   overwrite=args.overwrite)
     print(md)
     print(f"wrote {args.out / 'report.html'}, results.json, results.md, per_case.csv, "

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from jaxvae.calibration import (
     Calibration,
-    _ensemble_map,
-    _rows_of,
+    all_rows,
     calibrate,
     intensity_names,
+    row_names,
 )
 from jaxvae.case_metrics import MapsAccumulator
 from jaxvae.detection import SliceScores
@@ -215,6 +215,75 @@ def score_folds(folds, *, settings=EvalSettings(), progress=False):
     return per_fold, pooled
 
 
+def score_calibrated(model, params, test, folds, *, cal_slices=None, beta=1.0,
+                     settings=EvalSettings(), progress=False, keep=None):
+    """Score a dataset whose calibration cases are set aside from it (or from another one).
+
+    The paper's protocol (train on healthy subjects, test on patients) has no lesion among
+    the run's validation cases: thresholds, ensembles and the fair nulls' settings are
+    fitted on calibration cases of the target data instead (`splits.calibration_folds`):
+    fold by fold, each fold's test cases scored at the calibration of its own calibration
+    cases, which appear in none of its test metrics. The model is the same in every fold,
+    so each slice's maps are computed once.
+
+    Args:
+      model, params, beta: the model.
+      test: SliceSet of the dataset; each fold scores its test cases of it.
+      folds: [(test case IDs, calibration case IDs)], the test IDs of different folds
+        disjoint.
+      cal_slices: SliceSet the calibration cases come from (None: `test` itself).
+      settings, progress: as `score_dataset`.
+      keep: slices of `test` whose maps to return (as `score_dataset`; None: all).
+
+    Returns:
+      (results pooled over the folds' test cases, with "calibration": {"folds": [...]} and
+      "calibration_plan": the folds; {row: (K, H, W)} maps of the kept slices).
+    """
+    from jaxvae import score
+
+    names = check_predictors(settings.predictors, KNOWN_PREDICTORS)
+    maps = compute_maps(model, params, test.images, beta=beta, settings=settings,
+                        progress=progress)
+    source = test if cal_slices is None else cal_slices
+    source_maps = maps if cal_slices is None else compute_maps(
+        model, params, cal_slices.images, beta=beta, settings=settings, progress=progress)
+    keep = np.arange(len(test)) if keep is None else np.asarray(keep).reshape(-1)
+    merged = detected = kept = None
+    parts, cals = [], []
+    for test_ids, cal_ids in folds:
+        csel = np.flatnonzero(np.isin(source.case_ids, list(cal_ids)))
+        cal = calibrate({k: v[csel] for k, v in source_maps.items()}, source.subset(csel),
+                        settings)
+        tsel = np.flatnonzero(np.isin(test.case_ids, list(test_ids)))
+        part = test.subset(tsel)
+
+        def batches(progress=False, tsel=tsel):
+            for idx, n in score.batches(len(tsel), settings.batch_size):
+                yield idx[:n], {k: maps[k][tsel[idx[:n]]] for k in names}
+
+        here = np.flatnonzero(np.isin(tsel, keep))  # kept slices of this fold, in tsel order
+        pixels, detect, fold_kept = _accumulate(batches, names, part, cal, settings=settings,
+                                                keep=here)
+        if kept is None:
+            kept = {k: np.zeros((keep.size, *test.images.shape[1:3]), np.float32)
+                    for k in fold_kept}
+        where = {int(t): p for p, t in enumerate(keep)}  # test slice -> its place in keep
+        pos = np.array([where[int(t)] for t in tsel[here]], np.intp)
+        for k, m in fold_kept.items():
+            kept[k][pos] = m
+        merged = pixels if merged is None else merged.merge(pixels)
+        detected = detect if detected is None else detected.merge(detect)
+        parts.append(part)
+        cals.append(cal)
+    results = _results(merged, detected, parts, cals, beta=beta, settings=settings)
+    if len(cals) == 1:  # one form whatever the number of folds
+        results["calibration"] = {"folds": [cals[0].to_json()], "method": cals[0].method}
+    results["calibration_plan"] = {"source": "test data" if cal_slices is None else
+                                   "other data", "folds": [{"test": list(t), "calibration":
+                                                            list(c)} for t, c in folds]}
+    return results, kept
+
+
 def score_maps(maps, slices, *, val_maps=None, val=None, beta=1.0, settings=EvalSettings()):
     """Metrics of precomputed maps (plus intensity baseline, post-processing, ensemble).
 
@@ -301,10 +370,7 @@ def _accumulate(batches, names, slices, cal, *, settings, keep=None, keep_names=
     """
     images, lesion, brain = slices.images, slices.lesion, slices.brain
     case_ids = np.asarray(slices.case_ids).astype(str)
-    rows = [*names, *intensity_names(slices)]
-    if settings.postprocess:
-        rows += [f"{name}+pp" for name in rows]
-    rows += list(cal.ensembles)
+    rows = row_names(names, slices, settings, cal)
     pixels = MapsAccumulator(rows, case_ids,
                              thresholds={k: t for k, t in cal.thresholds.items() if k in rows})
     detect = SliceScores(rows, lesion, case_ids)
@@ -323,9 +389,7 @@ def _accumulate(batches, names, slices, cal, *, settings, keep=None, keep_names=
             if keep_names is None or keep_names(k)}
 
     for r, maps in batches(progress=progress):
-        maps = _rows_of(maps, slices.subset(r), settings)
-        for name, e in cal.ensembles.items():
-            maps[name] = _ensemble_map(e, maps, brain[r])
+        maps = all_rows(maps, slices.subset(r), cal, settings)
         pixels.update(r, maps, lesion[r], brain[r])
         detect.update(r, maps, brain[r])
         k = pos[r]

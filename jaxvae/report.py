@@ -91,14 +91,18 @@ def results_html(results) -> str:
 
 
 def difference_html(results) -> str:
-    """`results.difference_table` (paired differences to the baseline) as HTML, or ""."""
+    """`results.difference_table` (paired differences to the best null and to the
+    baseline) as HTML, or ""."""
     md = difference_table(results)
     if not md:
         return ""
-    intro, table = md.split("\n\n", 1)
-    lines = table.strip().splitlines()
-    return (f"<p>{_e(intro)}</p>\n"
-            + _table(_markdown_cells(lines[0]), [_markdown_cells(x) for x in lines[2:]]))
+    blocks = md.split("\n\n")  # intro, table, intro, table...
+    out = []
+    for intro, table in zip(blocks[::2], blocks[1::2], strict=True):
+        lines = table.strip().splitlines()
+        out.append(f"<p>{_e(intro)}</p>\n"
+                   + _table(_markdown_cells(lines[0]), [_markdown_cells(x) for x in lines[2:]]))
+    return "\n".join(out)
 
 
 def _num(v) -> str:

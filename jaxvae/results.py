@@ -20,8 +20,9 @@ ROW_ORDER = ("rec_error", "elbo_grad", "elbo_grad_sum", "kl_grad", "rec_grad", "
              # with several sequences as channels: each one's intensity (calibration.py)
              "intensity_flair", "intensity_t2", "intensity_t1", "intensity_t1ce",
              "intensity_unclipped",
-             "intensity_histeq", "ensemble_plain",
-             "ensemble", "ensemble+intensity", "ensemble_signed+intensity")
+             "intensity_histeq", "rec_error_smooth", "null_intensity", "null_lr",
+             "ensemble_plain", "ensemble", "ensemble+intensity", "ensemble_signed+intensity",
+             "best_null", "best_map")
 METRIC_COLUMNS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
                   ("dice_val", "Dice (val. threshold)"), ("dice_best", "best Dice (oracle)"))
 
@@ -92,33 +93,42 @@ DIFF_COLUMNS = (("auprc", "AUPRC"), ("dice_val", "Dice (val. threshold)"),
 
 
 def difference_table(results) -> str:
-    """Markdown of each map minus the baseline, paired over the same bootstrap resamples of
-    the cases ("vs_baseline" of `MapsAccumulator.result`): the difference, its 95 %
-    interval and the fraction of resamples where the map is above; "" when none."""
-    rows, base = [], None
-    for name, r in sorted(results["predictors"].items(), key=lambda kv: row_order(kv[0])):
-        vs = r.get("vs_baseline")
-        if not vs:
-            continue
-        base = vs["baseline"]
-        ref = results["predictors"][base]
-        cells = []
-        for k, _ in DIFF_COLUMNS:
-            if k not in vs or r.get(k) is None or ref.get(k) is None:
-                cells.append("n/a")
-                continue
-            lo, hi = vs[k]["ci"]
-            cells.append(f"{r[k] - ref[k]:+.3f} [{lo:+.3f}, {hi:+.3f}] "
-                         f"({100 * vs[k]['frac_above']:.0f} %)"
-                         if not (math.isnan(lo) or math.isnan(hi)) else
-                         f"{r[k] - ref[k]:+.3f}")
-        rows.append([name, *cells])
-    if not rows:
+    """Markdown of each map minus the best fair null ("vs_null") and minus the raw intensity
+    baseline ("vs_baseline" of `MapsAccumulator.result`), paired over the same bootstrap
+    resamples of the cases: the difference, its 95 % interval and the fraction of resamples
+    where the map is above; "" when there is none, or no lesion to score (healthy data)."""
+    if not results.get("n_lesion_pixels"):
         return ""
-    return (f"Difference to the {base} baseline, paired bootstrap over the test cases (the "
-            "same resamples for both maps): difference [95 % interval] (share of resamples "
-            "where the map is above):\n\n"
-            + markdown_table(["predictor", *(label for _, label in DIFF_COLUMNS)], rows))
+    tables = []
+    for key in ("vs_null", "vs_baseline"):
+        rows, base = [], None
+        for name, r in sorted(results["predictors"].items(), key=lambda kv: row_order(kv[0])):
+            vs = r.get(key)
+            if not vs:
+                continue
+            base = vs["baseline"]
+            ref = results["predictors"][base]
+            cells = []
+            for k, _ in DIFF_COLUMNS:
+                if k not in vs or r.get(k) is None or ref.get(k) is None:
+                    cells.append("n/a")
+                    continue
+                lo, hi = vs[k]["ci"]
+                cells.append(f"{r[k] - ref[k]:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                             f"({100 * vs[k]['frac_above']:.0f} %)"
+                             if not (math.isnan(lo) or math.isnan(hi)) else
+                             f"{r[k] - ref[k]:+.3f}")
+            rows.append([name, *cells])
+        if not rows:
+            continue
+        what = ("the best fair null (best_null: the null of best AUPRC on the calibration "
+                "cases)" if key == "vs_null" else f"the raw {base} baseline")
+        tables.append(f"Difference to {what}, paired bootstrap over the test cases (the same "
+                      "resamples for both maps): difference [95 % interval] (share of "
+                      "resamples where the map is above):\n\n"
+                      + markdown_table(["predictor", *(label for _, label in DIFF_COLUMNS)],
+                                       rows))
+    return "\n\n".join(tables)
 
 
 PER_CASE_COLUMNS = ("auroc", "auroc_brain", "auprc", "dice_val", "dice_best", "lesion_pixels",
@@ -147,10 +157,25 @@ def describe(results) -> str:
            "val_quantile": f"the {settings.get('val_quantile')} quantile of the healthy "
                            "validation cases' brain pixels (no ensemble: no validation lesion)",
            }.get(cal.get("method"), "no validation cases (no threshold, no ensemble)")
+    plan = results.get("calibration_plan")
+    if plan and cal.get("method") == "val_best_dice":
+        folds = plan["folds"]
+        how = (f"the best-Dice threshold, the ensembles and the nulls fitted on "
+               f"{len(folds[0]['calibration'])} calibration case(s) of the "
+               f"{plan['source']}" + (f" in each of {len(folds)} folds (every case tested "
+                                      "once, never in its own fold's calibration)"
+                                      if len(folds) > 1 else ""))
+    chosen = [c for c in cal.get("folds", [cal]) if c.get("best_map")]
+    if chosen:
+        how += ("; chosen on the calibration cases: " + ", ".join(
+            f"best_map = {c['best_map']}, best_null = {c['best_null']} (intensity "
+            f"{'bright' if c['null_intensity']['polarity'] > 0 else 'dark'}, sigma "
+            f"{c['null_intensity']['sigma']:g})" for c in chosen))
     n_boot = settings.get("n_boot", 0)
     return (f"{results['n_cases']} test cases, {results['n_slices']} slices, pixel metrics "
-            f"pooled over all test slices; Dice at {how}; best Dice is the oracle (threshold "
-            f"chosen on the test labels). " + (f"95 % intervals: {n_boot} bootstrap resamples "
+            "pooled over all test slices, every map restricted to the brain (the lowest "
+            f"score outside it); Dice at {how}; best Dice is the oracle (threshold chosen on "
+            "the test labels). " + (f"95 % intervals: {n_boot} bootstrap resamples "
                                                "of the test cases." if n_boot else ""))
 
 

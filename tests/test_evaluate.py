@@ -7,7 +7,7 @@ import pytest
 import scipy.ndimage as ndi
 
 import jaxvae
-from jaxvae.calibration import postprocess_maps
+from jaxvae.calibration import postprocess_maps, restrict
 from jaxvae.data.datasets import SliceSet
 from jaxvae.errors import OutputError
 from jaxvae.evaluate import (
@@ -69,7 +69,8 @@ def test_score_maps_rows_baseline_and_ensemble_fitted_on_validation_cases(model_
                      settings=EvalSettings(n_boot=50))
     rows = res["predictors"]
     assert set(rows) == {"rec_error", "kl_grad", "rec_grad", "intensity", "ensemble",
-                         "ensemble_plain", "ensemble+intensity"}
+                         "ensemble_plain", "ensemble+intensity", "rec_error_smooth",
+                         "null_intensity", "null_lr", "best_null", "best_map"}
     weights = res["calibration"]["ensemble_weights"]
     assert not any(weights["ensemble_plain"]["log_scale"])  # the paper's: no transform
     assert all(weights["ensemble"]["log_scale"])
@@ -79,7 +80,7 @@ def test_score_maps_rows_baseline_and_ensemble_fitted_on_validation_cases(model_
     outside = filled["ensemble"][~test.brain]
     assert (outside == outside.min()).all() and outside.min() < filled["ensemble"][test.brain].min()
     assert rows["rec_error"]["auroc"] == pytest.approx(1.0)
-    assert 0.4 < rows["kl_grad"]["auroc"] < 0.6
+    assert 0.4 < rows["kl_grad"]["auroc_brain"] < 0.6  # random inside the brain
     assert rows["intensity"]["auroc"] > 0.9
     cal = res["calibration"]
     assert cal["method"] == "val_best_dice" and cal["val_cases"] == ["case0", "case1"]
@@ -173,7 +174,8 @@ def test_write_results_is_atomic_and_refuses_overwrite(tmp_path):
                                                           "results.md"]
     rows = (tmp_path / "per_case.csv").read_text().splitlines()
     assert rows[0].startswith("case,predictor,auroc,auroc_brain,auprc,dice_val,dice_best")
-    assert len(rows) == 1 + 5 * 2  # 5 cases x (rec_error, intensity)
+    # 5 cases x (rec_error, intensity, rec_error_smooth, null_intensity)
+    assert len(rows) == 1 + 5 * 4
 
 
 # ---- streaming == the all-in-memory computation ---------------------------------------------
@@ -214,21 +216,23 @@ def test_streamed_results_equal_the_all_in_memory_computation(model_params):
     ref = dict(maps)
     want = score_maps(ref, test, val_maps=val_maps, val=val, settings=settings)
     assert json.dumps(got) == json.dumps(want)
-    assert set(kept) == set(ref) and len(kept) == 5 + 1 + 6 + 3
+    # 5 maps + intensity + rec_error_smooth + null_intensity, their +pp, 3 ensembles +
+    # null_lr, best_null and best_map
+    assert set(kept) == set(ref) and len(kept) == 8 + 8 + 4 + 2
+    ref = restrict(ref, test.brain)  # every row is restricted to the brain alike
     for name, m in kept.items():
         np.testing.assert_array_equal(m, ref[name][keep], err_msg=name)
     # the pooled rows equal metrics of the whole in-memory maps
     from jaxvae.metrics import pixel_metrics
 
-    for name in ("rec_error", "combi+pp", "ensemble+intensity"):
+    for name in ("rec_error", "combi+pp", "ensemble+intensity", "null_intensity", "best_map"):
         direct = pixel_metrics(ref[name], test.lesion, test.brain)
         assert {k: got["predictors"][name][k] for k in direct} == direct, name
     _, none = score_dataset(model, params, test, settings=dataclasses.replace(
         settings, ensemble=False, predictors=("rec_error",)), keep=())
-    assert {k: v.shape for k, v in none.items()} == {"rec_error": (0, 64, 64),
-                                                     "intensity": (0, 64, 64),
-                                                     "rec_error+pp": (0, 64, 64),
-                                                     "intensity+pp": (0, 64, 64)}
+    rows = ("rec_error", "intensity", "rec_error_smooth", "null_intensity")
+    assert {k: v.shape for k, v in none.items()} == {
+        k: (0, 64, 64) for name in rows for k in (name, f"{name}+pp")}
 
 
 def test_folds_pooled_over_their_own_models_and_thresholds():
@@ -247,7 +251,7 @@ def test_folds_pooled_over_their_own_models_and_thresholds():
     assert pooled["n_cases"] == 5 and len(pooled["calibration"]["folds"]) == 2
     from jaxvae.metrics import pixel_metrics
 
-    maps = [compute_maps(m, p, t.images, settings=settings)["kl_grad"]
+    maps = [restrict(compute_maps(m, p, t.images, settings=settings), t.brain)["kl_grad"]
             for m, p, t in zip(models, params, tests, strict=True)]
     lesion = np.concatenate([t.lesion for t in tests])
     direct = pixel_metrics(np.concatenate(maps), lesion, np.concatenate([t.brain for t in tests]))
@@ -282,7 +286,8 @@ def test_results_carry_curves_and_both_detection_levels(tmp_path):
     maps = {"rec_error": s.images + 0.1 * rng.random(s.images.shape).astype(np.float32),
             "kl_grad": rng.random(s.images.shape).astype(np.float32)}
     res = score_maps(maps, s, settings=EvalSettings(n_boot=0, ensemble=False))
-    assert set(res["curves"]) == set(res["predictors"]) == {"rec_error", "kl_grad", "intensity"}
+    assert set(res["curves"]) == set(res["predictors"]) == {
+        "rec_error", "kl_grad", "intensity", "rec_error_smooth", "null_intensity"}
     for name, c in res["curves"].items():
         assert 2 < len(c["fpr"]) <= 256 and c["fpr"][-1] == c["tpr"][-1] == 1.0
         assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(res["predictors"][name]["auroc"],

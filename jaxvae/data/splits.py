@@ -95,6 +95,57 @@ def split_cases(case_ids, n_folds: int, fold: int, seed: int = 0) -> tuple[list[
     return sorted(ids[~test].tolist()), sorted(ids[test].tolist())
 
 
+def calibration_folds(case_ids, *, n: int = 0, ids=(), seed: int = 0
+                      ) -> list[tuple[list[str], list[str]]]:
+    """Calibration cases set aside from a test dataset, rotating so each case tests once.
+
+    The paper's protocol trains on healthy subjects; thresholds, ensemble weights and every
+    validation-chosen setting then need a few lesion cases of the target dataset. With `n`,
+    the sorted unique cases are permuted with the seed and cut into K = len // n folds
+    (np.array_split); fold k tests its own cases and calibrates on the n cases that follow
+    them in the permuted order (cyclically), so every case is a test case exactly once and
+    never in its own fold's calibration. With `ids`, one fold: those cases calibrate, the
+    others test.
+
+    Args:
+      case_ids: the dataset's case IDs (repeats fine).
+      n: calibration cases per fold (>= 1), or 0 with `ids`.
+      ids: explicit calibration case IDs (instead of n).
+      seed: seed of the permutation.
+
+    Returns:
+      [(test case IDs, calibration case IDs)] per fold, each sorted.
+
+    Raises:
+      ConfigError: both or neither of n and ids, an unknown ID, too few cases.
+    """
+    cases = np.unique(np.asarray(list(case_ids), dtype=str)).tolist()
+    ids = sorted(set(ids or ()))
+    if bool(n) == bool(ids):
+        raise ConfigError("give the calibration cases either by count or by ID, not both "
+                          "(and one of them)")
+    if ids:
+        unknown = [c for c in ids if c not in cases]
+        if unknown:
+            raise ConfigError(f"calibration case {unknown[0]!r} is not among the "
+                              f"{len(cases)} cases (e.g. {cases[0]!r})")
+        if len(ids) == len(cases):
+            raise ConfigError("every case would calibrate: leave at least one to test")
+        return [(sorted(set(cases) - set(ids)), ids)]
+    if n < 1 or 2 * n > len(cases):
+        raise ConfigError(f"{n} calibration cases per fold need at least {2 * max(n, 1)} "
+                          f"cases (and n >= 1); the data has {len(cases)}")
+    perm = np.random.default_rng(seed).permutation(len(cases))
+    order = [cases[i] for i in perm]
+    folds = []
+    for part in np.array_split(np.arange(len(cases)), len(cases) // n):
+        after = [order[(part[-1] + 1 + j) % len(order)] for j in range(n)]
+        test = [order[i] for i in part]
+        assert not set(test) & set(after)  # len(part) + n <= len(cases) when 2n <= it
+        folds.append((sorted(test), sorted(after)))
+    return folds
+
+
 def _held_out(ids, fraction: float, seed: int, salt: int) -> list[str]:
     """~fraction of ids (at least one of two or more, never all), drawn with the seed."""
     ids = sorted(ids)

@@ -16,7 +16,8 @@ AUPRC), paired over the bootstrap resamples of the test cases.
     python experiments/healthy_cohort.py --seeds 0 1 2 --max-steps 6000 --latent-dim 64
 
 Writes docs/results/healthy_cohort.md (committed) and results/healthy_cohort/ (the runs'
-evaluations, not committed).
+evaluations, not committed). A run that has already finished (its metrics.jsonl ends with a
+"stop") is evaluated as it is; one that has not is trained (or resumed) first.
 """
 
 import argparse
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared/data"
+SHARED = Path("../shared/data")  # as the commands are run: from the repository root
 ROWS = ("rec_error", "rec_error_smooth", "rec_grad", "kl_grad", "elbo_grad", "combi",
         "ensemble", "ensemble+intensity", "intensity", "null_intensity", "null_lr",
         "best_null", "best_map")
@@ -42,20 +43,21 @@ TESTS = {"brats2018_t1": ["--data", str(SHARED / "brats2018_flair")],
 def _run(cmd: list[str]) -> float:
     t0 = time.time()
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
     return time.time() - t0
 
 
 def _fmt(v, ci=None):
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "n/a"
-    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    ok = ci and not any(c is None or np.isnan(c) for c in ci)  # one case: no interval
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ok else "")
 
 
 def _diff(r, key, metric):
     vs = r.get(key, {}).get(metric)
-    if not vs:
-        return "n/a"
+    if not vs or any(np.isnan(c) for c in vs["ci"]):
+        return "n/a (one case)" if vs else "n/a"
     return f"[{vs['ci'][0]:+.3f}, {vs['ci'][1]:+.3f}] ({100 * vs['frac_above']:.0f} %)"
 
 
@@ -95,9 +97,10 @@ def main(argv=None):
                  "--latent-dim", str(args.latent_dim), "--seed", str(seed), "--out", str(run)]
         if args.max_steps:
             train += ["--max-steps", str(args.max_steps)]
-        if run.exists():
-            train.append("--resume")
-        walls[f"train s{seed}"] = _run(train)
+        metrics = run / "metrics.jsonl"
+        done = metrics.is_file() and '"stop"' in (metrics.read_text().splitlines() or [""])[-1]
+        if not done:  # a finished run is used as it is (its table row says how it ended)
+            walls[f"train s{seed}"] = _run(train + (["--resume"] if run.exists() else []))
         for test, flags in TESTS.items():
             for control in (False, True):
                 name = f"{test}-s{seed}" + ("-untrained" if control else "")

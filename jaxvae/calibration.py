@@ -29,7 +29,7 @@ import dataclasses
 import numpy as np
 import scipy.ndimage as ndi
 
-from jaxvae.ensemble import Ensemble, fit_samples
+from jaxvae.ensemble import fit_samples
 from jaxvae.metrics import Accumulator
 from jaxvae.predictors import smooth
 
@@ -91,17 +91,6 @@ class Calibration:
                 "ensemble_weights": {k: e.to_json() for k, e in self.ensembles.items()},
                 "null_intensity": self.null, "best_null": self.best_null,
                 "best_map": self.best_map}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Calibration":
-        """Inverse of `to_json` (an older file without the nulls gets the defaults)."""
-        return cls(thresholds=dict(d.get("thresholds", {})),
-                   ensembles={k: Ensemble.from_json(e)
-                              for k, e in d.get("ensemble_weights", {}).items()},
-                   method=d.get("method", "none"), val_cases=tuple(d.get("val_cases", ())),
-                   val_results=dict(d.get("val_pooled", {})),
-                   null=dict(d.get("null_intensity") or DEFAULT_NULL),
-                   best_null=d.get("best_null"), best_map=d.get("best_map"))
 
 
 def intensity_rows(images, sequences=()) -> dict:

@@ -138,3 +138,34 @@ def test_healthy_calibration_cases_fit_no_null_and_choose_nothing(model_params):
     assert cal.method == "val_quantile" and cal.best_null is None and not cal.ensembles
     assert cal.null == {"polarity": 1, "sigma": 0.0}
     assert restrict({"m": s.images}, s.brain)["m"][~s.brain].max() == np.finfo(np.float32).min
+
+
+def test_evaluate_cli_calibrates_on_the_target_data_and_scores_the_untrained_control(
+        tmp_path, capsys):
+    from jaxvae.cli import main
+    from jaxvae.config import TrainConfig
+    from jaxvae.data import phantom
+    from jaxvae.train import train
+
+    phantom.write_brats(tmp_path / "sick", n_healthy=0, n_lesion=4, seed=1, modalities=("t2",),
+                        shape=(64, 64, 40), spacing=(3.5, 3.5, 3.5))
+    run = tmp_path / "run"
+    images = np.random.default_rng(0).normal(size=(32, 64, 64)).astype(np.float32)
+    train(TrainConfig(latent_dim=8, epochs=1, batch_size=16, data={"source": "test"}), images,
+          run, progress=False)
+    args = ["evaluate", "--run", str(run), "--data", str(tmp_path / "sick"), "--predictors",
+            "rec_error,rec_grad,kl_grad", "--n-boot", "20", "--calibration", "2"]
+    assert main([*args, "--out", str(tmp_path / "e")]) == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    folds = res["calibration_plan"]["folds"]
+    assert len(folds) == 2 and sorted(c for f in folds for c in f["test"]) == sorted(
+        res["per_case"]["rec_error"])
+    assert {"best_map", "best_null", "null_intensity", "null_lr"} <= set(res["predictors"])
+    assert "best fair null" in (tmp_path / "e" / "results.md").read_text()
+    assert main([*args, "--out", str(tmp_path / "u"), "--untrained"]) == 0
+    ctl = json.loads((tmp_path / "u" / "results.json").read_text())
+    assert ctl["run"]["checkpoint"] == {"untrained": True, "seed": 0}
+    assert ctl["predictors"]["rec_grad"]["auprc"] != res["predictors"]["rec_grad"]["auprc"]
+    assert ctl["calibration_plan"] == res["calibration_plan"]  # the same calibration cases
+    assert main([*args, "--out", str(tmp_path / "x"), "--calibration", "3"]) == 2
+    assert "at least 6" in capsys.readouterr().err

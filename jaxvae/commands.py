@@ -192,7 +192,7 @@ def _calibration(args, test, modality, preprocess):
 def cmd_evaluate(args):
     from jaxvae import outputs, segment
     from jaxvae.config import preprocess_of
-    from jaxvae.evaluate import overlay_slices, score_calibrated, score_dataset
+    from jaxvae.evaluate import score_calibrated, score_dataset
     from jaxvae.train import init_state
 
     _check_outputs(args.out, outputs.OUTPUT_NAMES, args.overwrite)
@@ -210,7 +210,7 @@ def cmd_evaluate(args):
         info = {"untrained": True, "seed": cfg.seed}
     folds, cal_slices = _calibration(args, test, args.modality or (cfg.data or {}).get(
         "modality") or "t2", preprocess_of(cfg))
-    shown = overlay_slices(test)
+    shown = outputs.overlay_slices(test)
     outputs.check_outputs(args.out, test, shown, overwrite=args.overwrite)
     keep = [i for i, _ in shown]  # maps of the overlays only
     if folds is None:

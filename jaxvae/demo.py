@@ -16,10 +16,10 @@ from jaxvae.config import TrainConfig, model_from_config
 from jaxvae.data import phantom, splits
 from jaxvae.data.datasets import find_brats_cases, load_slices
 from jaxvae.errors import OutputError
-from jaxvae.evaluate import EvalSettings, overlay_slices, score_dataset
+from jaxvae.evaluate import EvalSettings, score_dataset
 from jaxvae.figures import map_figure
 from jaxvae.model import reconstruct
-from jaxvae.outputs import write_evaluation
+from jaxvae.outputs import overlay_slices, write_evaluation
 from jaxvae.train import train
 
 # (n_healthy, n_lesion, epochs, projection steps): full < 5 min, quick < 1 min on 2 cores

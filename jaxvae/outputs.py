@@ -2,7 +2,7 @@
 
 results.json / results.md / per_case.csv (jaxvae.results), curves.png (ROC and
 precision-recall of every row, from the histogram counts in results["curves"]), overlays/
-(the test slices of `evaluate.overlay_slices`: each map over the image on one
+(the test slices of `overlay_slices`: each map over the image on one
 threshold-relative colour scale, truth and validation-threshold contours) and report.html
 (jaxvae.report: all of it on one self-contained page). An error part-way removes the files
 this call created; existing files are only replaced with `overwrite`.
@@ -11,7 +11,9 @@ this call created; existing files are only replaced with `overwrite`.
 import re
 from pathlib import Path
 
-from jaxvae.errors import OutputError
+import numpy as np
+
+from jaxvae.errors import ConfigError, OutputError
 from jaxvae.io import all_or_nothing, confined
 from jaxvae.results import row_order, write_results
 
@@ -19,6 +21,45 @@ OUTPUT_NAMES = ("results.json", "results.md", "per_case.csv", "curves.png", "rep
 # rows drawn in the overlays: every map but the post-processed ones and the paper's plain
 # ensemble (the same features as "ensemble", for the table)
 HIDDEN_ROWS = ("ensemble_plain",)
+
+
+def overlay_slices(slices, n: int = 3) -> list[tuple[int, str]]:
+    """Slices worth drawing: the largest, median and smallest lesion among the test cases.
+
+    The cases with a lesion are ranked by their total lesion volume (lesion pixels over all
+    their slices); n distinct cases evenly spread over that ranking are taken (n = 3: the
+    largest, the median, the smallest; fewer when fewer cases have a lesion), and of each
+    the slice with the most lesion pixels (the first of ties). Pass the indices as `keep=`
+    to `score_dataset` to get every row's maps of these slices.
+
+    Args:
+      slices: a SliceSet (test slices).
+      n: how many slices (cases) at most.
+
+    Returns:
+      [(index into slices, label)], largest lesion first, a label reading e.g.
+      "largest lesion (BraTS_x, 1234 px)" (px: the case's total lesion pixels).
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n must be an int >= 1, got {n!r}")
+    per_slice = np.asarray(slices.lesion).reshape(len(slices), -1).sum(1)
+    ids = np.asarray(slices.case_ids).astype(str)
+    cases, inv = np.unique(ids, return_inverse=True)
+    volume = np.bincount(inv, weights=per_slice, minlength=len(cases)).astype(np.int64)
+    ranked = sorted((c for c in range(len(cases)) if volume[c]),
+                    key=lambda c: (-volume[c], cases[c]))
+    k = len(ranked)
+    picks = np.unique(np.round(np.linspace(0, k - 1, min(n, k))).astype(int)) if k else []
+    out = []
+    for i, p in enumerate(picks):
+        c = ranked[p]
+        where = np.flatnonzero(inv == c)
+        label = ("largest lesion" if i == 0 else "smallest lesion" if i == len(picks) - 1
+                 else "median lesion" if len(picks) % 2 and i == len(picks) // 2
+                 else f"lesion {p + 1} of {k} by size")
+        out.append((int(where[np.argmax(per_slice[where])]),
+                    f"{label} ({cases[c]}, {volume[c]} px)"))
+    return out
 
 
 def _shown_rows(kept) -> list[str]:

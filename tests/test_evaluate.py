@@ -13,11 +13,11 @@ from jaxvae.errors import OutputError
 from jaxvae.evaluate import (
     EvalSettings,
     compute_maps,
-    overlay_slices,
     score_dataset,
     score_folds,
     score_maps,
 )
+from jaxvae.outputs import overlay_slices
 from jaxvae.results import detection_table, results_table, write_results
 
 

@@ -17,8 +17,14 @@ nulls, chosen on the calibration cases exactly as the model's settings are:
   Gaussian sigma (NULL_SIGMAS, smoothed inside the brain) of best AUPRC on them;
 - "null_lr": the intensity-only logistic regression (the null of "ensemble+intensity": the
   same balanced fit with the intensity at every NULL_SIGMA as its features, no model map);
+  "ensemble+null" is that fit with the model's ensemble features added, so the two differ
+  by what the model's maps tell beyond the null;
 - "rec_error_smooth": Rec-Error smoothed as the gradient maps are (settings.smooth_sigma),
   so that gradient-vs-residual is compared at equal smoothing.
+- "<map>_tuned" (with `settings.tune_sigma`): each residual and gradient map smoothed inside
+  the brain at the NULL_SIGMA of best calibration AUPRC (from its unsmoothed twin, computed
+  in the same pass): the model's maps get the nulls' menu of smoothing, so neither side
+  wins by a sigma the other was not offered.
 "best_null" is, case by case, the null of best calibration AUPRC, and "best_map" the
 model row (predictor, smoothed residual or ensemble) of best calibration AUPRC: the
 pre-declared primary comparison is best_map against best_null.
@@ -31,15 +37,18 @@ import scipy.ndimage as ndi
 
 from jaxvae.ensemble import fit_samples
 from jaxvae.metrics import Accumulator
-from jaxvae.predictors import smooth
+from jaxvae.predictors import SMOOTHED_MAPS, is_unsmoothed, smooth, unsmoothed_name
 
 ENSEMBLE_FEATURES = ("rec_error", "kl_grad", "rec_grad")
 # with the one-signed maps computed: an intensity-aware ensemble of them
 SIGNED_ENSEMBLE_FEATURES = ("rec_pos", "rec_grad_pos", "kl_grad", "intensity")
+# with the dark one-signed maps computed (hypointense lesions: T1): the same without the image
+DARK_ENSEMBLE_FEATURES = ("rec_neg", "rec_grad_neg", "kl_grad")
 MAX_FIT_PIXELS = 200_000  # brain pixels of the validation cases an ensemble is fitted on
 NULL_SIGMAS = (0.0, 1.0, 2.0, 3.0)  # the Gaussian sigmas (pixels) the nulls choose from
 NULL_ROWS = ("null_intensity", "null_lr")
 DEFAULT_NULL = {"polarity": 1, "sigma": 0.0}  # without lesions to choose on: the raw image
+RESIDUAL_MAPS = ("rec_error", "rec_pos", "rec_neg")  # never smoothed by the predictors
 
 
 def postprocess_maps(maps, brain, *, erode=3, median=5):
@@ -74,6 +83,8 @@ class Calibration:
       null: the intensity null's {"polarity": 1 | -1, "sigma"} (DEFAULT_NULL without
         lesions).
       best_null, best_map: the rows behind "best_null" / "best_map" (None without lesions).
+      sigmas: {map: the NULL_SIGMA of its "<map>_tuned" row} (empty without lesions or
+        without `settings.tune_sigma`).
     """
 
     thresholds: dict = dataclasses.field(default_factory=dict)
@@ -84,13 +95,14 @@ class Calibration:
     null: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_NULL))
     best_null: str | None = None
     best_map: str | None = None
+    sigmas: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"method": self.method, "val_cases": list(self.val_cases),
                 "thresholds": self.thresholds, "val_pooled": self.val_results,
                 "ensemble_weights": {k: e.to_json() for k, e in self.ensembles.items()},
                 "null_intensity": self.null, "best_null": self.best_null,
-                "best_map": self.best_map}
+                "best_map": self.best_map, "tuned_sigmas": self.sigmas}
 
 
 def intensity_rows(images, sequences=()) -> dict:
@@ -156,14 +168,26 @@ def restrict(maps: dict, brain) -> dict:
     return {k: np.where(brain, m, _OUTSIDE).astype(np.float32) for k, m in maps.items()}
 
 
+def tunable(maps) -> dict:
+    """{map: the array its "<map>_tuned" row is smoothed from} for the maps present: the
+    residuals themselves, the gradient maps their unsmoothed twins."""
+    out = {m: m for m in RESIDUAL_MAPS if m in maps}
+    return {**out, **{m: unsmoothed_name(m) for m in SMOOTHED_MAPS
+                      if unsmoothed_name(m) in maps}}
+
+
 def _rows_of(maps, slices, settings, cal=None):
     """The maps plus the intensity baseline, the smoothed Rec-Error, the intensity null
-    (cal's polarity and sigma) and (when asked) the post-processed rows; unrestricted."""
+    (cal's polarity and sigma), the tuned rows (cal's sigmas) and (when asked) the
+    post-processed rows; unrestricted."""
     maps = {**maps, **intensity_rows(slices.images, slices.sequences)}
     if "rec_error" in maps and settings.smooth_sigma > 0:
         maps["rec_error_smooth"] = np.asarray(smooth(maps["rec_error"], settings.smooth_sigma))
     maps["null_intensity"] = null_map(maps["intensity"], slices.brain,
                                       DEFAULT_NULL if cal is None else cal.null)
+    sources = tunable(maps)
+    for m, sigma in ({} if cal is None else cal.sigmas).items():
+        maps[f"{m}_tuned"] = smooth_in_brain(maps[sources[m]], slices.brain, sigma)
     if settings.postprocess:
         maps.update({f"{name}+pp": postprocess_maps(maps[name], slices.brain)
                      for name in list(maps)})
@@ -176,6 +200,7 @@ def row_names(names, slices, settings, cal) -> list[str]:
     if "rec_error" in names and settings.smooth_sigma > 0:
         rows.append("rec_error_smooth")
     rows.append("null_intensity")
+    rows += [f"{m}_tuned" for m in cal.sigmas]
     if settings.postprocess:
         rows += [f"{name}+pp" for name in rows]
     rows += list(cal.ensembles)
@@ -204,7 +229,7 @@ def all_rows(maps, slices, cal, settings) -> dict:
     for k in ("best_null", "best_map"):
         if getattr(cal, k):
             rows[k] = rows[getattr(cal, k)]
-    names = row_names(list(maps), slices, settings, cal)
+    names = row_names([k for k in maps if not is_unsmoothed(k)], slices, settings, cal)
     return restrict({k: rows[k] for k in names}, brain)
 
 
@@ -224,13 +249,14 @@ def _auprc(m, val) -> float:
     return Accumulator().update(m, val.lesion, val.brain).result()["auprc"]
 
 
-def _choose_null(intensity, val) -> dict:
-    """The polarity and NULL_SIGMA of the intensity null with the best calibration AUPRC."""
+def _choose_smoothing(image, val, polarities=(1, -1)) -> dict:
+    """The polarity and NULL_SIGMA of best calibration AUPRC of `image` smoothed inside the
+    brain: the intensity null's choice, and (polarity 1) each tuned map's."""
     brain = np.asarray(val.brain, bool)
     best = None
     for sigma in NULL_SIGMAS:
-        smoothed = smooth_in_brain(intensity, brain, sigma)
-        for polarity in (1, -1):
+        smoothed = smooth_in_brain(image, brain, sigma)
+        for polarity in polarities:
             m = restrict({"m": polarity * smoothed}, brain)["m"]
             a = _auprc(m, val)
             if best is None or a > best[0]:  # the first of ties: bright, least smoothing
@@ -255,14 +281,19 @@ def calibrate(val_maps, val, settings) -> Calibration:
     maps = _rows_of(val_maps, val, settings)
     ensembles = {}
     has_lesion = bool(val.lesion.any())
-    null = dict(DEFAULT_NULL)
+    null, sigmas = dict(DEFAULT_NULL), {}
     if has_lesion:
-        null = _choose_null(maps["intensity"], val)
+        null = _choose_smoothing(maps["intensity"], val)
+        if settings.tune_sigma:
+            sigmas = {m: _choose_smoothing(maps[src], val, (1,))["sigma"]
+                      for m, src in tunable(maps).items()}
         idx = np.flatnonzero(val.brain.reshape(-1))
         rng = np.random.default_rng(settings.seed)
         if idx.size > MAX_FIT_PIXELS:
             idx = np.sort(rng.choice(idx, size=MAX_FIT_PIXELS, replace=False))
         y = val.lesion.reshape(-1)[idx]
+        nulls = _null_features(maps["intensity"], val.brain)
+        maps.update(nulls)
         variants = {}
         feats = [f for f in ENSEMBLE_FEATURES if f in maps]
         if settings.ensemble and len(feats) == len(ENSEMBLE_FEATURES):
@@ -271,19 +302,21 @@ def calibrate(val_maps, val, settings) -> Calibration:
                 variants["ensemble+intensity"] = [*feats, "intensity"]
                 if all(f in maps for f in SIGNED_ENSEMBLE_FEATURES):
                     variants["ensemble_signed+intensity"] = list(SIGNED_ENSEMBLE_FEATURES)
-        nulls = _null_features(maps["intensity"], val.brain)
-        maps.update(nulls)
+            # the null's regression with the model's maps added: whether they tell it more
+            variants["ensemble+null"] = [*feats, *nulls]
+            if all(f in maps for f in DARK_ENSEMBLE_FEATURES):
+                variants["ensemble_dark+null"] = [*DARK_ENSEMBLE_FEATURES, *nulls]
         variants["null_lr"] = list(nulls)
         for name, fs in variants.items():
             # "ensemble_plain": the paper's plain logistic regression (no log transform, no
-            # class weights) on the same pixels, beside ours; "null_lr": the balanced fit
-            # of the intensities alone (they may be negative: no log transform)
+            # class weights) on the same pixels, beside ours; the intensities (of null_lr
+            # and the "+null" fits) may be negative: no log transform
             plain = name == "ensemble_plain"
             ensembles[name] = fit_samples({f: maps[f].reshape(-1)[idx] for f in fs}, y,
                                           fit_cases=val.cases, balanced=not plain,
-                                          log_features=[] if plain or name == "null_lr" else
-                                          [f for f in fs if f != "intensity"])
-    cal = Calibration(ensembles=ensembles, null=null)
+                                          log_features=[] if plain else
+                                          [f for f in fs if not f.startswith("intensity")])
+    cal = Calibration(ensembles=ensembles, null=null, sigmas=sigmas)
     rows = all_rows(val_maps, val, cal, settings)
     pooled = {name: Accumulator().update(m, val.lesion, val.brain) for name, m in rows.items()}
     results = {k: a.result() for k, a in pooled.items()}

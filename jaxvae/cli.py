@@ -58,7 +58,8 @@ def _eval_args(p):
     p.add_argument("--predictors", default=None,
                    help="comma-separated subset of rec_error,rec_grad,kl_grad,elbo_grad,combi,"
                         "proj_rec_error (default: these, the paper's) and the one-signed "
-                        "rec_pos,rec_grad_pos (hyperintense lesions: FLAIR, T2)")
+                        "rec_pos,rec_grad_pos (hyperintense lesions: FLAIR, T2) and "
+                        "rec_neg,rec_grad_neg (hypointense: tumours in T1)")
     p.add_argument("--batch-size", type=PositiveInt, default=64)
     p.add_argument("--smooth-sigma", type=NonNegativeFloat, default=3.0,
                    help="Gaussian sigma (pixels) of the gradient maps; 0 disables")
@@ -158,6 +159,10 @@ def _evaluate_args(p):
                    help="add rows with brain-mask erosion + median filter (Baur et al. 2021)")
     p.add_argument("--ensemble", type=bool, default=True,
                    help="fit the ensembles on the validation cases")
+    p.add_argument("--tune-sigma", type=bool, default=True,
+                   help="with lesion calibration cases: also each map smoothed at the sigma "
+                        "(0-3) of best calibration AUPRC, as the nulls choose theirs "
+                        "(rows <map>_tuned)")
     p.add_argument("--ensemble-intensity", type=bool, default=True,
                    help="also the ensembles with the image intensity as a feature")
     p.add_argument("--calibration", type=int, default=0,

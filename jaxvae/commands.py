@@ -201,7 +201,7 @@ def cmd_evaluate(args):
     # bad flags before slow loading
     settings = _settings(args, postprocess=args.postprocess, val_quantile=args.val_quantile,
                          n_boot=args.n_boot, ensemble=args.ensemble,
-                         ensemble_intensity=args.ensemble_intensity)
+                         ensemble_intensity=args.ensemble_intensity, tune_sigma=args.tune_sigma)
     calibrating = bool(args.calibration or args.calibration_ids or args.calibration_data)
     model, params, cfg, test, val, info = _run_and_data(args, with_val=not calibrating)
     if args.untrained:  # the control: the same seed's initial network, scored alike

@@ -31,8 +31,11 @@ from jaxvae.errors import ConfigError
 from jaxvae.predictors import (
     PREDICTORS,
     SIGNED_PREDICTORS,
+    SMOOTHED_MAPS,
     VARIANT_PREDICTORS,
     check_predictors,
+    is_unsmoothed,
+    unsmoothed_name,
 )
 
 ALL_PREDICTORS = (*PREDICTORS, "proj_rec_error")  # the paper's: the default
@@ -56,12 +59,17 @@ class EvalSettings:
         have lesions): "ensemble" on calibration.ENSEMBLE_FEATURES (log-scaled, balanced),
         "ensemble_plain" the paper's plain regression on the same features, and with
         `ensemble_intensity` "ensemble+intensity" (+ the image) and, when the one-signed
-        maps are computed, "ensemble_signed+intensity" (SIGNED_ENSEMBLE_FEATURES).
+        maps are computed, "ensemble_signed+intensity" (SIGNED_ENSEMBLE_FEATURES); and
+        "ensemble+null" (the features plus the null regression's smoothed intensities;
+        with the dark maps also "ensemble_dark+null", DARK_ENSEMBLE_FEATURES plus them).
       val_quantile: with healthy validation cases, each map's threshold is this quantile of
         its values on their brain pixels (0.99: 1 % of healthy brain pixels flagged).
       n_boot: bootstrap resamples of the cases for the 95 % intervals (0: none).
       postprocess: also score each map multiplied by the eroded brain mask and median
         filtered (Baur et al. 2021), as rows "<name>+pp".
+      tune_sigma: where the calibration cases have lesions, also score each residual and
+        gradient map smoothed at the sigma of best calibration AUPRC, as rows
+        "<name>_tuned" (the fair nulls' menu of smoothing; calibration.py).
     """
 
     predictors: tuple[str, ...] = ALL_PREDICTORS
@@ -78,6 +86,15 @@ class EvalSettings:
     val_quantile: float = 0.99
     n_boot: int = 1000
     postprocess: bool = False
+    tune_sigma: bool = True
+
+
+def map_names(settings) -> list[str]:
+    """The maps `compute_maps` gives: the predictors, and with `settings.tune_sigma` the
+    unsmoothed twins of the smoothed ones (the tuned rows are smoothed from them)."""
+    wanted = check_predictors(settings.predictors, KNOWN_PREDICTORS)
+    twins = [unsmoothed_name(p) for p in wanted if p in SMOOTHED_MAPS]
+    return [*wanted, *(twins if settings.tune_sigma else [])]
 
 
 def _map_batches(model, params, images, *, beta=1.0, settings=EvalSettings(), progress=False,
@@ -93,6 +110,7 @@ def _map_batches(model, params, images, *, beta=1.0, settings=EvalSettings(), pr
     from jaxvae import execution, score
 
     wanted = check_predictors(settings.predictors, KNOWN_PREDICTORS)
+    names = map_names(settings)
     grad_preds = tuple(p for p in wanted if p != "proj_rec_error")
     policy = execution.current().for_model(model)  # chunks of the model's image size
     key = jax.random.key(settings.seed)
@@ -104,6 +122,7 @@ def _map_batches(model, params, images, *, beta=1.0, settings=EvalSettings(), pr
         if grad_preds:
             maps = score.maps(model, params, x, policy=policy, beta=beta,
                               predictors=grad_preds, smooth_sigma=settings.smooth_sigma,
+                              unsmoothed=len(names) > len(wanted),
                               n_samples=settings.n_samples, combi_group=settings.combi_group,
                               key=jax.random.fold_in(key, b) if settings.n_samples else None)
             out.update({name: np.asarray(m)[:n] for name, m in maps.items()})
@@ -111,7 +130,7 @@ def _map_batches(model, params, images, *, beta=1.0, settings=EvalSettings(), pr
             _, m = score.project(model, params, x, policy=policy, lam=settings.proj_lam,
                                  steps=settings.proj_steps, lr=settings.proj_lr)
             out["proj_rec_error"] = np.asarray(m)[:n]
-        yield idx[:n], {p: out[p] for p in wanted if p in out}
+        yield idx[:n], {p: out[p] for p in names}
 
 
 def compute_maps(model, params, images, *, beta=1.0, settings=EvalSettings(), progress=False):
@@ -128,11 +147,10 @@ def compute_maps(model, params, images, *, beta=1.0, settings=EvalSettings(), pr
       progress: show a progress bar.
 
     Returns:
-      {name: (S, H, W) float32 numpy map}.
+      {name: (S, H, W) float32 numpy map} for every name of `map_names(settings)`.
     """
     images = np.asarray(images, np.float32)
-    wanted = check_predictors(settings.predictors, KNOWN_PREDICTORS)
-    out = {p: np.empty(images.shape[:3], np.float32) for p in wanted}
+    out = {p: np.empty(images.shape[:3], np.float32) for p in map_names(settings)}
     for rows, maps in _map_batches(model, params, images, beta=beta, settings=settings,
                                    progress=progress):
         for name, m in maps.items():
@@ -259,7 +277,7 @@ def score_calibrated(model, params, test, folds, *, cal_slices=None, beta=1.0,
 
         def batches(progress=False, tsel=tsel):
             for idx, n in score.batches(len(tsel), settings.batch_size):
-                yield idx[:n], {k: maps[k][tsel[idx[:n]]] for k in names}
+                yield idx[:n], {k: m[tsel[idx[:n]]] for k, m in maps.items()}
 
         here = np.flatnonzero(np.isin(tsel, keep))  # kept slices of this fold, in tsel order
         pixels, detect, fold_kept = _accumulate(batches, names, part, cal, settings=settings,
@@ -299,13 +317,14 @@ def score_maps(maps, slices, *, val_maps=None, val=None, beta=1.0, settings=Eval
     """
     from jaxvae import score
 
-    names = [k for k in maps if k not in intensity_names(slices)]
+    given = [k for k in maps if k not in intensity_names(slices)]
+    names = [k for k in given if not is_unsmoothed(k)]  # twins are no rows
     cal = Calibration() if val is None or not len(val) else calibrate(dict(val_maps), val,
                                                                         settings)
 
     def batches(progress=False):
         for idx, n in score.batches(len(slices.images), settings.batch_size):
-            yield idx[:n], {k: np.asarray(maps[k][idx[:n]], np.float32) for k in names}
+            yield idx[:n], {k: np.asarray(maps[k][idx[:n]], np.float32) for k in given}
 
     pixels, detect, rows = _accumulate(batches, names, slices, cal, settings=settings,
                                        keep_names=lambda k: k not in names)

@@ -8,9 +8,10 @@ the batch *sum* of the per-image losses is every image's own gradient.
 
 Images of C channels (co-registered sequences; issue #15) give one (N, H, W) map per
 predictor, the channels reduced as follows. The likelihood factorises over channels, so a
-pixel's reconstruction terms add up: rec_error, rec_pos and combi's NLL factor are summed
-over channels. A gradient map is the sum over channels of |grad| (rec_grad, kl_grad,
-elbo_grad, elbo_grad_sum, combi's KL factor; rec_grad_pos sums the positive parts): the L1
+pixel's reconstruction terms add up: rec_error, rec_pos, rec_neg and combi's NLL factor are
+summed over channels. A gradient map is the sum over channels of |grad| (rec_grad, kl_grad,
+elbo_grad, elbo_grad_sum, combi's KL factor; rec_grad_pos / rec_grad_neg sum the positive /
+negative parts): the L1
 norm of the pixel's gradient vector, which, as the reconstruction sum, adds the evidence of
 each sequence rather than letting opposite signs in two sequences cancel (|sum_c g_c|
 would), and which a lesion visible in one sequence only still reaches. The channels are
@@ -29,15 +30,31 @@ from jaxvae.errors import ConfigError
 from jaxvae.model import ConvVAE, check_input, decode, encode
 
 PREDICTORS = ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi")
-# Not in the paper: one-signed maps for sequences whose lesions are hyperintense (FLAIR, T2).
-# rec_pos = max(x - x_hat, 0)**2, the positive residual of Baur et al. (2021); rec_grad_pos =
-# the smoothed positive part of the reconstruction-loss gradient, which is > 0 where a
-# brighter pixel costs more, i.e. where the image is brighter than its reconstruction.
-SIGNED_PREDICTORS = ("rec_pos", "rec_grad_pos")
+# Not in the paper: one-signed maps. For hyperintense lesions (FLAIR, T2): rec_pos =
+# max(x - x_hat, 0)**2, the positive residual of Baur et al. (2021), and rec_grad_pos = the
+# smoothed positive part of the reconstruction-loss gradient, which is > 0 where a brighter
+# pixel costs more, i.e. where the image is brighter than its reconstruction. For
+# hypointense lesions (tumours in T1): rec_neg = max(x_hat - x, 0)**2 and rec_grad_neg = the
+# smoothed negative part of that gradient (where the image is darker than its reconstruction).
+SIGNED_PREDICTORS = ("rec_pos", "rec_grad_pos", "rec_neg", "rec_grad_neg")
 # A variant the paper leaves open: ELBO-grad as the plain sum |g_rec + g_kl| (the gradient of
 # the unweighted ELBO) instead of the beta-weighted |g_rec + beta g_kl|; equal at beta = 1.
 VARIANT_PREDICTORS = ("elbo_grad_sum",)
 GRADIENT_MAPS = ("rec_grad", "kl_grad", "elbo_grad")
+# the maps smoothed at smooth_sigma (combi smooths its KL factor only); `unsmoothed=True`
+# also returns each of them before smoothing, as unsmoothed_name(name)
+SMOOTHED_MAPS = ("rec_grad", "rec_grad_pos", "rec_grad_neg", "kl_grad", "elbo_grad",
+                 "elbo_grad_sum")
+
+
+def unsmoothed_name(name: str) -> str:
+    """The key of a smoothed map's unsmoothed twin (`anomaly_maps(..., unsmoothed=True)`)."""
+    return f"{name}_unsmoothed"
+
+
+def is_unsmoothed(name: str) -> bool:
+    """Whether `name` is an unsmoothed twin (a source of tuned rows, not a row itself)."""
+    return name.endswith("_unsmoothed")
 
 def gaussian_matrix(size: int, sigma: float):
     """(size, size) matrix K such that K @ img @ K.T is a zero-padded Gaussian blur.
@@ -90,13 +107,13 @@ def _combi(kl_abs, nll, smooth_sigma, group):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "predictors", "n_samples", "smooth_sigma",
-                                             "combi_group", "reference_kl"))
+                                             "combi_group", "reference_kl", "unsmoothed"))
 def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_sigma,
-                  combi_group=COMBI_GROUP, reference_kl=False):
+                  combi_group=COMBI_GROUP, reference_kl=False, unsmoothed=False):
     want = set(predictors)
-    need_rec = bool(want & {"rec_error", "rec_pos", "rec_grad", "elbo_grad", "combi",
-                            "rec_grad_pos", "elbo_grad_sum"})
-    need_rec_grad = bool(want & {"rec_grad", "elbo_grad", "rec_grad_pos", "elbo_grad_sum"})
+    rec_grads = {"rec_grad", "elbo_grad", "rec_grad_pos", "rec_grad_neg", "elbo_grad_sum"}
+    need_rec = bool(want & {"rec_error", "rec_pos", "rec_neg", "combi", *rec_grads})
+    need_rec_grad = bool(want & rec_grads)
     need_kl_grad = bool(want & {"kl_grad", "elbo_grad", "combi", "elbo_grad_sum"})
     out = {}
 
@@ -114,13 +131,14 @@ def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_
         nll = jnp.mean(losses.rec_nll(x[None], x_hat), axis=0)
         sq = jnp.mean(losses.squared_error(x[None], x_hat), axis=0)
         pos = jnp.mean(jnp.square(jnp.maximum(x[None] - x_hat, 0)), axis=0)
-        return jnp.sum(nll), (nll, sq, pos)
+        neg = jnp.mean(jnp.square(jnp.maximum(x_hat - x[None], 0)), axis=0)
+        return jnp.sum(nll), (nll, sq, pos, neg)
 
     if need_rec_grad:
-        _, rec_vjp, (nll, sq, pos) = jax.vjp(rec_loss, mu, log_sigma, x, has_aux=True)
+        _, rec_vjp, (nll, sq, pos, neg) = jax.vjp(rec_loss, mu, log_sigma, x, has_aux=True)
         g_mu, g_ls, g_direct = rec_vjp(jnp.ones((), x.dtype))
     elif need_rec:
-        _, (nll, sq, pos) = rec_loss(mu, log_sigma, x)
+        _, (nll, sq, pos, neg) = rec_loss(mu, log_sigma, x)
 
     if need_kl_grad:
         # reference_kl: the reference code passes sigma where log sigma is expected
@@ -145,16 +163,20 @@ def _anomaly_maps(model, params, x, beta, key, *, predictors, n_samples, smooth_
         out["rec_error"] = to_map(sq)
     if "rec_pos" in want:
         out["rec_pos"] = to_map(pos)
-    if "rec_grad_pos" in want:
-        out["rec_grad_pos"] = smooth(to_map(jnp.maximum(g_rec, 0)), smooth_sigma)
-    if "rec_grad" in want:
-        out["rec_grad"] = smooth(to_map(jnp.abs(g_rec)), smooth_sigma)
-    if "kl_grad" in want:
-        out["kl_grad"] = smooth(to_map(jnp.abs(g_kl)), smooth_sigma)
-    if "elbo_grad" in want:
-        out["elbo_grad"] = smooth(to_map(jnp.abs(g_rec + beta * g_kl)), smooth_sigma)
-    if "elbo_grad_sum" in want:
-        out["elbo_grad_sum"] = smooth(to_map(jnp.abs(g_rec + g_kl)), smooth_sigma)
+    if "rec_neg" in want:
+        out["rec_neg"] = to_map(neg)
+    raw = {"rec_grad_pos": lambda: jnp.maximum(g_rec, 0),
+           "rec_grad_neg": lambda: jnp.maximum(-g_rec, 0),
+           "rec_grad": lambda: jnp.abs(g_rec),
+           "kl_grad": lambda: jnp.abs(g_kl),
+           "elbo_grad": lambda: jnp.abs(g_rec + beta * g_kl),
+           "elbo_grad_sum": lambda: jnp.abs(g_rec + g_kl)}
+    for name in SMOOTHED_MAPS:
+        if name in want:
+            m = to_map(raw[name]())
+            out[name] = smooth(m, smooth_sigma)
+            if unsmoothed:
+                out[unsmoothed_name(name)] = m
     if "combi" in want:
         out["combi"] = _combi(to_map(jnp.abs(g_kl)), to_map(nll), smooth_sigma, combi_group)
     return out
@@ -177,7 +199,8 @@ def check_predictors(predictors, allowed=(*PREDICTORS, *SIGNED_PREDICTORS, *VARI
 
 
 def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth_sigma=3.0,
-                 n_samples=0, key=None, combi_group=COMBI_GROUP, reference_kl=False) -> dict:
+                 n_samples=0, key=None, combi_group=COMBI_GROUP, reference_kl=False,
+                 unsmoothed=False) -> dict:
     """Per-pixel anomaly maps of a batch, computed together from one forward pass.
 
     A pure function of (params, x): `jax.jit` (model and the keyword options static) and
@@ -205,6 +228,9 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
         deviation where the log standard deviation is expected, so its KL is that of
         N(mu, exp(sigma)**2) with sigma = exp(log_sigma)); changes kl_grad, elbo_grad and
         combi. Off by default: jaxvae's KL is the correct one (README, method notes).
+      unsmoothed: also return each SMOOTHED_MAPS map before its smoothing, under
+        `unsmoothed_name(name)` (from the same pass: evaluation smooths them again at the
+        sigma chosen on calibration cases, as the fair nulls choose theirs).
 
     Returns:
       dict name -> (N, S, S) float32 map, channels reduced as the module docstring says;
@@ -223,4 +249,4 @@ def anomaly_maps(model: ConvVAE, params, x, *, beta=1.0, predictors=None, smooth
     return _anomaly_maps(model, params, x, jnp.asarray(beta, x.dtype), key,
                          predictors=predictors, n_samples=int(n_samples),
                          smooth_sigma=float(smooth_sigma), combi_group=int(combi_group),
-                         reference_kl=bool(reference_kl))
+                         reference_kl=bool(reference_kl), unsmoothed=bool(unsmoothed))

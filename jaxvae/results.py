@@ -16,12 +16,17 @@ from jaxvae.io import all_or_nothing, markdown_table, write_text
 
 # table order: the paper's predictors, the one-signed maps, the baseline and the ensembles
 ROW_ORDER = ("rec_error", "elbo_grad", "elbo_grad_sum", "kl_grad", "rec_grad", "combi",
-             "proj_rec_error", "rec_pos", "rec_grad_pos", "intensity",
+             "proj_rec_error", "rec_pos", "rec_grad_pos", "rec_neg", "rec_grad_neg",
+             *[f"{m}_tuned" for m in ("rec_error", "rec_pos", "rec_neg", "rec_grad",
+                                      "rec_grad_pos", "rec_grad_neg", "kl_grad", "elbo_grad",
+                                      "elbo_grad_sum")],
+             "intensity",
              # with several sequences as channels: each one's intensity (calibration.py)
              "intensity_flair", "intensity_t2", "intensity_t1", "intensity_t1ce",
              "intensity_unclipped",
              "intensity_histeq", "rec_error_smooth", "null_intensity", "null_lr",
              "ensemble_plain", "ensemble", "ensemble+intensity", "ensemble_signed+intensity",
+             "ensemble+null", "ensemble_dark+null",
              "best_null", "best_map")
 METRIC_COLUMNS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
                   ("dice_val", "Dice (val. threshold)"), ("dice_best", "best Dice (oracle)"))

@@ -94,7 +94,8 @@ def fit(model, params, val, *, beta, settings) -> dict:
     if val is None or not len(val) or not val.lesion.any():
         raise ConfigError("no lesion in the validation cases: nothing to fit a segmenter on")
     settings = dataclasses.replace(settings, predictors=ENSEMBLE_FEATURES, ensemble=True,
-                                   ensemble_intensity=True, postprocess=False)
+                                   ensemble_intensity=True, postprocess=False,
+                                   tune_sigma=False)
     maps = compute_maps(model, params, val.images, beta=beta, settings=settings)
     out = from_calibration(calibrate(maps, val, settings).to_json(), settings)
     if out is None:

@@ -202,7 +202,7 @@ def _volume_maps(model, params, volumes, *, beta, settings, preprocess, mask, se
     # the segmenter's features are computed even where not asked for, and not returned
     need = tuple(dict.fromkeys([*asked, *(segmenter.predictors if segmenter else ())]))
     maps = compute_maps(model, params, images, beta=beta,
-                        settings=dataclasses.replace(settings, predictors=need))
+                        settings=dataclasses.replace(settings, predictors=need, tune_sigma=False))
     brain_native = brain_mask(volume.data, mask_native, name=name)
 
     def native(m):

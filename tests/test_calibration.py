@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jaxvae
+from jaxvae import calibration
 from jaxvae.calibration import NULL_SIGMAS, calibrate, restrict, smooth_in_brain
 from jaxvae.data.datasets import SliceSet
 from jaxvae.data.splits import calibration_folds
@@ -107,6 +108,36 @@ def test_the_null_is_chosen_on_the_calibration_cases_only(model_params):
     assert rows["rec_error"]["vs_baseline"]["baseline"] == "intensity"
 
 
+def test_the_maps_sigma_is_chosen_on_the_calibration_cases_from_the_nulls_menu(model_params):
+    model, params = model_params
+    s = _cases()
+    maps = jaxvae.evaluate.compute_maps(model, params, s.images, settings=SETTINGS)
+    assert {"rec_grad_unsmoothed", "kl_grad_unsmoothed"} <= set(maps)
+    cal = calibrate(maps, s, SETTINGS)
+    assert set(cal.sigmas) == {"rec_error", "rec_grad", "kl_grad"}
+    assert set(cal.sigmas.values()) <= set(NULL_SIGMAS)
+    # each chosen sigma is the one of best calibration AUPRC among the menu
+    for name, src in (("rec_error", "rec_error"), ("rec_grad", "rec_grad_unsmoothed")):
+        auprc = {sg: calibration._auprc(restrict({"m": smooth_in_brain(maps[src], s.brain, sg)},
+                                                 s.brain)["m"], s) for sg in NULL_SIGMAS}
+        assert cal.sigmas[name] == max(NULL_SIGMAS, key=lambda sg: (auprc[sg], -sg))
+        assert cal.val_results[f"{name}_tuned"]["auprc"] == pytest.approx(
+            auprc[cal.sigmas[name]], abs=1e-6)
+    # the tuned rows are model rows: best_map may be one; the twins are no rows
+    assert "rec_grad_tuned" in calibration.row_names(list(SETTINGS.predictors), s, SETTINGS,
+                                                     cal)
+    assert not any(k.endswith("_unsmoothed") for k in cal.val_results)
+    # the null's regression with the model's maps added, the intensities not log-scaled
+    plus = cal.ensembles["ensemble+null"]
+    assert list(plus.feature_names) == [*calibration.ENSEMBLE_FEATURES, *cal.ensembles[
+        "null_lr"].feature_names] and "ensemble_dark+null" not in cal.ensembles
+    assert [v > 0 for v in plus.log_scale] == [True] * 3 + [False] * len(NULL_SIGMAS)
+    off = dataclasses.replace(SETTINGS, tune_sigma=False)
+    maps_off = jaxvae.evaluate.compute_maps(model, params, s.images, settings=off)
+    assert set(maps_off) == set(SETTINGS.predictors)
+    assert calibrate(maps_off, s, off).sigmas == {}
+
+
 def test_every_row_is_restricted_to_the_brain_alike(model_params):
     model, params = model_params
     s = _cases()
@@ -136,7 +167,7 @@ def test_healthy_calibration_cases_fit_no_null_and_choose_nothing(model_params):
     maps = jaxvae.evaluate.compute_maps(model, params, s.images, settings=SETTINGS)
     cal = calibrate(maps, healthy, SETTINGS)
     assert cal.method == "val_quantile" and cal.best_null is None and not cal.ensembles
-    assert cal.null == {"polarity": 1, "sigma": 0.0}
+    assert cal.null == {"polarity": 1, "sigma": 0.0} and cal.sigmas == {}
     assert restrict({"m": s.images}, s.brain)["m"][~s.brain].max() == np.finfo(np.float32).min
 
 

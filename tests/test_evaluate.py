@@ -70,7 +70,8 @@ def test_score_maps_rows_baseline_and_ensemble_fitted_on_validation_cases(model_
     rows = res["predictors"]
     assert set(rows) == {"rec_error", "kl_grad", "rec_grad", "intensity", "ensemble",
                          "ensemble_plain", "ensemble+intensity", "rec_error_smooth",
-                         "null_intensity", "null_lr", "best_null", "best_map"}
+                         "null_intensity", "null_lr", "best_null", "best_map",
+                         "rec_error_tuned"}  # given maps without unsmoothed twins: no other
     weights = res["calibration"]["ensemble_weights"]
     assert not any(weights["ensemble_plain"]["log_scale"])  # the paper's: no transform
     assert all(weights["ensemble"]["log_scale"])
@@ -216,9 +217,11 @@ def test_streamed_results_equal_the_all_in_memory_computation(model_params):
     ref = dict(maps)
     want = score_maps(ref, test, val_maps=val_maps, val=val, settings=settings)
     assert json.dumps(got) == json.dumps(want)
-    # 5 maps + intensity + rec_error_smooth + null_intensity, their +pp, 3 ensembles +
-    # null_lr, best_null and best_map
-    assert set(kept) == set(ref) and len(kept) == 8 + 8 + 4 + 2
+    # 5 maps + intensity + rec_error_smooth + null_intensity + 3 tuned (rec_error, kl_grad,
+    # rec_grad), their +pp, 4 ensembles + null_lr, best_null and best_map; the maps'
+    # unsmoothed twins are no rows
+    assert set(kept) == {k for k in ref if not k.endswith("_unsmoothed")}
+    assert len(kept) == 11 + 11 + 5 + 2
     ref = restrict(ref, test.brain)  # every row is restricted to the brain alike
     for name, m in kept.items():
         np.testing.assert_array_equal(m, ref[name][keep], err_msg=name)

@@ -7,7 +7,13 @@ import pytest
 
 import jaxvae
 from jaxvae import execution, losses, score
-from jaxvae.predictors import GRADIENT_MAPS, _anomaly_maps, gaussian_matrix, smooth
+from jaxvae.predictors import (
+    GRADIENT_MAPS,
+    _anomaly_maps,
+    gaussian_matrix,
+    smooth,
+    unsmoothed_name,
+)
 
 BETA = 0.7
 
@@ -203,8 +209,29 @@ def test_one_signed_maps_equal_their_definitions(setup):
         model, params, jaxvae.encode(model, params, x)[0])) ** 2))(x)[..., 0]
     assert_maps_close(maps["rec_grad_pos"], np.maximum(g, 0), "rec_grad")
     assert (np.asarray(maps["rec_grad_pos"]) == 0).mean() > 0.2  # the negative part is cut
-    with pytest.raises(jaxvae.ConfigError, match="rec_neg"):
-        jaxvae.anomaly_maps(model, params, x, predictors="rec_neg")
+
+
+def test_dark_one_signed_maps_and_unsmoothed_twins_split_their_maps_exactly(setup):
+    model, params, x = setup
+    names = "rec_error,rec_pos,rec_neg,rec_grad,rec_grad_pos,rec_grad_neg,kl_grad"
+    maps = jaxvae.anomaly_maps(model, params, x, predictors=names, smooth_sigma=2.0,
+                               unsmoothed=True)
+    # (x - x_hat)^2 = its positive part^2 + its negative part^2; |g| = max(g,0) + max(-g,0)
+    assert_maps_close(maps["rec_pos"] + maps["rec_neg"], maps["rec_error"], "rec_neg")
+    assert_maps_close(maps["rec_grad_pos"] + maps["rec_grad_neg"], maps["rec_grad"],
+                      "rec_grad_neg")
+    assert (np.asarray(maps["rec_neg"]) > 0).mean() > 0.2  # not all cut
+    for name in ("rec_grad", "rec_grad_pos", "rec_grad_neg", "kl_grad"):
+        twin = maps[unsmoothed_name(name)]
+        assert_maps_close(smooth(twin, 2.0), maps[name], name)  # smoothed after, not before
+        assert not np.allclose(twin, maps[name])
+    assert unsmoothed_name("rec_error") not in maps  # never smoothed: no twin
+    plain = jaxvae.anomaly_maps(model, params, x, predictors=names, smooth_sigma=2.0)
+    assert set(plain) == set(names.split(","))
+    for k in plain:
+        np.testing.assert_array_equal(plain[k], maps[k])  # the twins change no map
+    with pytest.raises(jaxvae.ConfigError, match="rec_abs"):
+        jaxvae.anomaly_maps(model, params, x, predictors="rec_abs")
 
 
 def test_elbo_grad_sum_is_the_unweighted_elbo_gradient(setup):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxvae.checkpoint import load_run
-from jaxvae.config import TrainConfig
+from jaxvae.config import DEFAULT_LR, PATIENCE_STEPS, STEP_BUDGET, TrainConfig
 from jaxvae.data import datasets, splits
 from jaxvae.data.preprocess import PreprocessParams
 from jaxvae.evaluate import EvalSettings, compute_maps, score_folds
@@ -33,7 +33,7 @@ from jaxvae.figures import map_figure
 from jaxvae.io import markdown_table, write_text
 from jaxvae.model import reconstruct
 from jaxvae.results import row_order
-from jaxvae.train import train
+from jaxvae.train import init_state, train
 
 _TABLES = Path(__file__).resolve().parents[1].parent / "shared/reference/paper_tables.json"
 PAPER = json.loads(_TABLES.read_text()) if _TABLES.is_file() else {}  # the paper's numbers
@@ -41,7 +41,7 @@ METRICS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"
            ("dice_val", "Dice (val. thr.)"), ("dice_best", "best Dice (oracle)"))
 
 
-def parser(description, *, max_steps=3000):
+def parser(description):
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--data", default="phantom", help="'phantom' or a BraTS-layout folder")
     ap.add_argument("--modality", default=None,
@@ -49,12 +49,13 @@ def parser(description, *, max_steps=3000):
     ap.add_argument("--image-size", type=int, default=64, help="64 or 128")
     ap.add_argument("--folds", type=int, default=None, help="default: 1 (phantom), 2 (otherwise)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--max-steps", type=int, default=max_steps)
-    ap.add_argument("--patience-steps", type=int, default=300,
-                    help="stop after about this many optimiser steps without a better validation "
+    # the CLI's schedule (jaxvae.config): trained until the validation loss stops improving
+    ap.add_argument("--max-steps", type=int, default=STEP_BUDGET)
+    ap.add_argument("--patience-steps", type=int, default=PATIENCE_STEPS,
+                    help="stop after this many optimiser steps without a better validation "
                          "loss (the run's --patience, in optimiser steps)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--proj-steps", type=int, default=100)
     ap.add_argument("--proj-lam", type=float, default=1.0)
     ap.add_argument("--n-boot", type=int, default=1000)
@@ -111,7 +112,8 @@ def trained(args, fold, split, train_set, val, data_desc, *, latent_dim, beta, s
     splits.write_split(split, run / "split.json", overwrite=True)
     model, params, cfg = load_run(run)
     best = min(history, key=lambda h: h.get("val_loss", np.inf))
-    info = {"fold": fold, "steps": history[-1]["step"], "epochs": history[-1]["epoch"],
+    info = {"fold": fold, "untrained_params": init_state(cfg)[0],  # the control's network
+            "steps": history[-1]["step"], "epochs": history[-1]["epoch"],
             "stop": history[-1].get("stop"), "best_step": best["step"],
             "best_val_loss": best.get("val_loss"),
             "train_seconds": round(sum(h["seconds"] for h in history), 1)}
@@ -120,21 +122,25 @@ def trained(args, fold, split, train_set, val, data_desc, *, latent_dim, beta, s
 
 def pooled_setting(args, folds, *, latent_dim, beta, predictors, figure=None, postprocess=False,
                    smooth_sigma=3.0, n_samples=0, **settings_kw):
-    """Train every fold of one setting for every seed and score it.
+    """Train every fold of one setting for every seed and score it, and the same seeds'
+    initial networks (the untrained control) with the same calibration cases.
 
     Returns:
       {"seeds": {seed: pooled results (with "per_fold" and "training")}, "summary":
-      {predictor: {metric: {"mean", "sd", "n"}}} over seeds}.
+      {predictor: {metric: {"mean", "sd", "n"}}} over seeds, "untrained": the same two for
+      the initial networks}.
     """
     settings = EvalSettings(predictors=predictors, proj_steps=args.proj_steps,
                             proj_lam=args.proj_lam, postprocess=postprocess,
                             smooth_sigma=smooth_sigma, n_samples=n_samples,
                             n_boot=args.n_boot, **settings_kw)
-    per_seed = {}
+    per_seed, control = {}, {}
     for seed, parts in folds.items():
         t0 = time.time()
         runs = [(f, *trained(args, f, split, tr, val, desc, latent_dim=latent_dim, beta=beta,
                              seed=seed), te, val) for f, split, tr, val, te, desc in parts]
+        control[seed] = score_folds([(m, info.pop("untrained_params"), beta, te, val)
+                                     for _, m, _, info, te, val in runs], settings=settings)[1]
         per_fold, pooled = score_folds([(m, p, beta, te, val) for _, m, p, _, te, val in runs],
                                        settings=settings)
         pooled["per_fold"] = [{k: r[k] for k in ("n_cases", "predictors", "calibration")}
@@ -151,7 +157,8 @@ def pooled_setting(args, folds, *, latent_dim, beta, predictors, figure=None, po
             recon = np.asarray(reconstruct(model, params, x))[..., 0]
             map_figure(figure, first, te.lesion, maps, recon=recon, case_ids=te.case_ids,
                        overwrite=True, title=f"latent {latent_dim}, beta {beta:g} (fold 0)")
-    return {"seeds": per_seed, "summary": summarize_seeds(per_seed)}
+    return {"seeds": per_seed, "summary": summarize_seeds(per_seed),
+            "untrained": {"seeds": control, "summary": summarize_seeds(control)}}
 
 
 def summarize_seeds(per_seed):
@@ -181,16 +188,35 @@ def _cell(res, name, key):
                               f" [{lo:.3f}, {hi:.3f}]")
 
 
+def _vs_null(res, name):
+    """One seed: the paired AUPRC difference to best_null [95 %]; several: mean ± sd of the
+    pooled difference over seeds."""
+    seeds = list(res["seeds"].values())
+    if name not in seeds[0]["predictors"] or "best_null" not in seeds[0]["predictors"]:
+        return ""
+    d = np.array([r["predictors"][name]["auprc"] - r["predictors"]["best_null"]["auprc"]
+                  for r in seeds], float)
+    if len(seeds) > 1:
+        return f"{d.mean():+.3f} ± {d.std(ddof=1):.3f}"
+    ci = seeds[0]["predictors"][name].get("vs_null", {}).get("auprc", {}).get("ci")
+    return f"{d[0]:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and not np.isnan(ci[0])
+                             else "")
+
+
 def table(rows, paper=None, *, setting_label):
-    """Markdown: one row per (setting, predictor); ours beside the paper's AUROC."""
-    header = [setting_label, "predictor", *(m for _, m in METRICS), "paper AUROC"]
+    """Markdown: one row per (setting, predictor); ours beside the untrained control's
+    AUPRC, the paired AUPRC difference to the best fair null and the paper's AUROC."""
+    header = [setting_label, "predictor", *(m for _, m in METRICS), "untrained AUPRC",
+              "AUPRC - best null", "paper AUROC"]
     lines = []
     for setting, res in rows.items():
+        ctl = res.get("untrained")
         for pred in sorted(res["summary"], key=row_order):
             p = (paper or {}).get(setting, {}).get(pred)
             label = "intensity (baseline)" if pred == "intensity" else pred
             lines.append([setting, label, *(_cell(res, pred, k) for k, _ in METRICS),
-                          "" if p is None else f"{p:.3f}"])
+                          _cell(ctl, pred, "auprc") if ctl and pred in ctl["summary"] else "",
+                          _vs_null(res, pred), "" if p is None else f"{p:.3f}"])
     return markdown_table(header, lines)
 
 
@@ -219,7 +245,11 @@ def write_outputs(args, name, rows, md_title, paper=None, *, setting_label, extr
           f"{args.max_steps} steps, patience ~{args.patience_steps} steps, seeds {args.seeds}. "
           "Cells: pooled over the folds' test cases; one seed: value [95 % case-bootstrap "
           "interval]; several: mean ± sd over seeds. Dice (val. thr.): threshold fitted on "
-          "each fold's validation case; best Dice: oracle threshold on the test labels.\n\n"
+          "each fold's validation case; best Dice: oracle threshold on the test labels. "
+          "Untrained: the same seeds' initial networks, the same calibration. AUPRC - best "
+          "null: paired over the bootstrap resamples of the test cases (best_null: the fair "
+          "null of best AUPRC on the validation case). Every row restricted to the brain."
+          "\n\n"
           + table(rows, paper, setting_label=setting_label) + "\nTraining:\n\n"
           + training_note(rows) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)

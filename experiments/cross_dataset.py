@@ -25,7 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from jaxvae.checkpoint import load_run
-from jaxvae.config import TrainConfig, model_from_config
+from jaxvae.config import (
+    DEFAULT_LR,
+    PATIENCE_STEPS,
+    STEP_BUDGET,
+    TrainConfig,
+    model_from_config,
+)
 from jaxvae.data import datasets, splits
 from jaxvae.data.preprocess import PreprocessParams
 from jaxvae.evaluate import KNOWN_PREDICTORS, EvalSettings, score_dataset, score_maps
@@ -49,10 +55,11 @@ def parser():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--latent-dim", type=int, default=64)
     ap.add_argument("--beta", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    # the CLI's schedule (jaxvae.config): trained until the validation loss stops improving
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--max-steps", type=int, default=4000)
-    ap.add_argument("--patience-steps", type=int, default=300,
+    ap.add_argument("--max-steps", type=int, default=STEP_BUDGET)
+    ap.add_argument("--patience-steps", type=int, default=PATIENCE_STEPS,
                     help="the plateau rule: steps without a better validation loss")
     ap.add_argument("--proj-steps", type=int, default=100)
     ap.add_argument("--untrained", action="store_true",

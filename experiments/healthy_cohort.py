@@ -13,7 +13,11 @@ every map restricted to the brain alike. The pre-declared primary comparison is 
 (the model row of best calibration AUPRC) against best_null (the null of best calibration
 AUPRC), paired over the bootstrap resamples of the test cases.
 
-    python experiments/healthy_cohort.py --seeds 0 1 2 --max-steps 6000 --latent-dim 64
+    python experiments/healthy_cohort.py --seeds 0 1 2 --latent-dim 64
+    python experiments/healthy_cohort.py --seeds 0 --latent-dim 32      # a sweep point
+
+A page per setting: docs/results/healthy_cohort.md (l = 64, beta = 1) or
+healthy_cohort_l{L}_b{beta}.md.
 
 Writes docs/results/healthy_cohort.md (committed) and results/healthy_cohort/ (the runs'
 evaluations, not committed). A run that has already finished (its metrics.jsonl ends with a
@@ -32,9 +36,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path("../shared/data")  # as the commands are run: from the repository root
-ROWS = ("rec_error", "rec_error_smooth", "rec_grad", "kl_grad", "elbo_grad", "combi",
-        "ensemble", "ensemble+intensity", "intensity", "null_intensity", "null_lr",
-        "best_null", "best_map")
+MAPS = ("rec_error", "rec_error_smooth", "rec_error_tuned", "rec_neg", "rec_neg_tuned",
+        "rec_grad", "rec_grad_tuned", "rec_grad_neg", "rec_grad_neg_tuned", "kl_grad",
+        "kl_grad_tuned", "elbo_grad", "elbo_grad_tuned", "combi", "proj_rec_error",
+        "ensemble", "ensemble+intensity", "ensemble+null", "ensemble_dark+null")
+ROWS = (*MAPS, "intensity", "null_intensity", "null_lr", "best_null", "best_map")
 TESTS = {"brats2018_t1": ["--data", str(SHARED / "brats2018_flair")],
          "brats2021_t1": ["--data", str(SHARED / "brats2021_t2"), "--calibration-data",
                           str(SHARED / "brats2018_flair")]}
@@ -61,14 +67,18 @@ def _diff(r, key, metric):
     return f"[{vs['ci'][0]:+.3f}, {vs['ci'][1]:+.3f}] ({100 * vs['frac_above']:.0f} %)"
 
 
-def _case_paired(trained, untrained, row, metric="auprc", n_boot=1000, seed=0):
-    """Mean over cases of trained minus untrained per-case `metric`, and its case-bootstrap
-    95 % interval (the two evaluations score the same cases)."""
-    a, b = trained["per_case"].get(row), untrained["per_case"].get(row)
-    if not a or not b:
+def _case_diff(pairs, metric="auprc", n_boot=1000, seed=0):
+    """Mean over cases of a per-case `metric` difference, each case's difference averaged
+    over the pairs (e.g. seeds), and its case-bootstrap 95 % interval.
+
+    Args:
+      pairs: [(per_case rows A, per_case rows B)]: results.json "per_case" entries of two
+        rows scored on the same cases (A minus B).
+    """
+    if not pairs or not all(a and b for a, b in pairs):
         return None
-    cases = sorted(set(a) & set(b))
-    d = np.array([a[c][metric] - b[c][metric] for c in cases], float)
+    cases = sorted(set.intersection(*[set(a) & set(b) for a, b in pairs]))
+    d = np.array([np.mean([a[c][metric] - b[c][metric] for a, b in pairs]) for c in cases])
     d = d[np.isfinite(d)]
     if d.size < 2:
         return None
@@ -77,24 +87,35 @@ def _case_paired(trained, untrained, row, metric="auprc", n_boot=1000, seed=0):
     return float(d.mean()), [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
 
 
+def _cell(d):
+    return "n/a" if d is None else f"{d[0]:+.3f} [{d[1][0]:+.3f}, {d[1][1]:+.3f}]"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--latent-dim", type=int, default=64)
+    ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--max-steps", type=int, default=None, help="default: the CLI's budget")
     ap.add_argument("--calibration", type=int, default=3, help="calibration cases per fold")
-    ap.add_argument("--predictors", default="rec_error,rec_grad,kl_grad,elbo_grad,combi")
+    ap.add_argument("--predictors", default="rec_error,rec_grad,kl_grad,elbo_grad,combi,"
+                    "proj_rec_error,rec_neg,rec_grad_neg")  # T1 tumours are dark: the _neg maps
     ap.add_argument("--runs", type=Path, default=ROOT / "runs")
     ap.add_argument("--results", type=Path, default=ROOT / "results/healthy_cohort")
-    ap.add_argument("--page", type=Path, default=ROOT / "docs/results/healthy_cohort.md")
+    ap.add_argument("--page", type=Path, default=None)
     args = ap.parse_args(argv)
+    setting = f"l{args.latent_dim}" + (f"-b{args.beta:g}" if args.beta != 1 else "")
+    if args.page is None:
+        args.page = ROOT / "docs/results" / ("healthy_cohort.md" if setting == "l64" else
+                                             f"healthy_cohort_{setting.replace('-', '_')}.md")
     jaxvae = [sys.executable, "-m", "jaxvae.cli"]
     t_start = time.time()
     out, walls = {}, {}
     for seed in args.seeds:
-        run = args.runs / f"ixi-l{args.latent_dim}-s{seed}"
+        run = args.runs / f"ixi-{setting}-s{seed}"
         train = [*jaxvae, "train", "--data", str(SHARED / "ixi_t1"), "--modality", "t1",
-                 "--latent-dim", str(args.latent_dim), "--seed", str(seed), "--out", str(run)]
+                 "--latent-dim", str(args.latent_dim), "--beta", str(args.beta),
+                 "--seed", str(seed), "--out", str(run)]
         if args.max_steps:
             train += ["--max-steps", str(args.max_steps)]
         metrics = run / "metrics.jsonl"
@@ -104,7 +125,7 @@ def main(argv=None):
         for test, flags in TESTS.items():
             for control in (False, True):
                 name = f"{test}-s{seed}" + ("-untrained" if control else "")
-                dest = args.results / name
+                dest = args.results / (f"{test}-{run.name}" + ("-untrained" if control else ""))
                 if not (dest / "results.json").is_file():
                     walls[name] = _run([*jaxvae, "evaluate", "--run", str(run), *flags,
                                         "--modality", "t1", "--calibration",
@@ -121,10 +142,13 @@ def main(argv=None):
 
 def write_page(args, out, walls, wall):
     seeds = args.seeds
-    md = ["# Healthy cohort: IXI T1 -> BraTS T1", "",
-          f"Written by `python experiments/healthy_cohort.py --seeds {' '.join(map(str, seeds))}"
-          + (f" --max-steps {args.max_steps}" if args.max_steps else "")
-          + f" --latent-dim {args.latent_dim}` on {time.strftime('%Y-%m-%d')}, "
+    md = [f"# Healthy cohort: IXI T1 -> BraTS T1 (l = {args.latent_dim}, beta = {args.beta:g})",
+          "", f"Written by `python experiments/healthy_cohort.py --seeds "
+          f"{' '.join(map(str, seeds))}" + (f" --max-steps {args.max_steps}" if args.max_steps
+                                            else "")
+          + f" --latent-dim {args.latent_dim}" + (f" --beta {args.beta:g}" if args.beta != 1
+                                                 else "")
+          + f"` on {time.strftime('%Y-%m-%d')}, "
           f"{platform.machine()} CPU ({platform.node()}), {wall / 60:.0f} min in all.", "",
           "Train: 148 healthy IXI subjects (T1; 17 more validate), 64x64 slices. Test: the T1 "
           "of the ten BraTS2018 cases, thresholds / ensembles / nulls fitted on "
@@ -165,17 +189,22 @@ def write_page(args, out, walls, wall):
                           f"{bm['auprc'] - bn['auprc']:+.3f} | {_diff(bm, 'vs_null', 'auprc')} | "
                           f"{bm['dice_val'] - bn['dice_val']:+.3f} | "
                           f"{_diff(bm, 'vs_null', 'dice_val')} | {chosen} |")
+        md += ["", "Over the seeds: per-case best_map minus best_null, each case's difference "
+               "averaged over the seeds, mean over cases [case-bootstrap 95 %]:", "",
+               "| net | AUPRC | Dice (cal. thr.) |", "|---|---|---|"]
+        for ctl in ("", "-untrained"):
+            pairs = [(out[f"{test}-s{s}{ctl}"]["per_case"]["best_map"],
+                      out[f"{test}-s{s}{ctl}"]["per_case"]["best_null"]) for s in seeds]
+            md.append(f"| {'untrained' if ctl else 'trained'} | {_cell(_case_diff(pairs))} | "
+                      f"{_cell(_case_diff(pairs, 'dice_val'))} |")
         md += ["", "Trained minus untrained, per map: mean over cases of the per-case AUPRC "
                "difference [case-bootstrap 95 %], per seed:", "",
                "| map | " + " | ".join(f"s{s}" for s in seeds) + " |", "|---" * (len(seeds) + 1)
                + "|"]
-        for row in ("rec_error", "rec_error_smooth", "rec_grad", "kl_grad", "elbo_grad",
-                    "combi", "ensemble"):
-            cells = []
-            for s in seeds:
-                d = _case_paired(out[f"{test}-s{s}"], out[f"{test}-s{s}-untrained"], row)
-                cells.append("n/a" if d is None else
-                             f"{d[0]:+.3f} [{d[1][0]:+.3f}, {d[1][1]:+.3f}]")
+        for row in MAPS:
+            cells = [_cell(_case_diff([(out[f"{test}-s{s}"]["per_case"].get(row),
+                                        out[f"{test}-s{s}-untrained"]["per_case"].get(row))]))
+                     for s in seeds]
             md.append(f"| {row} | " + " | ".join(cells) + " |")
     md += ["", "Wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()), ""]
     args.page.parent.mkdir(parents=True, exist_ok=True)

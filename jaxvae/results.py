@@ -176,6 +176,9 @@ def describe(results) -> str:
             f"best_map = {c['best_map']}, best_null = {c['best_null']} (intensity "
             f"{'bright' if c['null_intensity']['polarity'] > 0 else 'dark'}, sigma "
             f"{c['null_intensity']['sigma']:g})" for c in chosen))
+        if any(c.get("tuned_sigmas") for c in chosen):
+            how += ("; the <map>_tuned rows' sigmas chosen on them too (results.json: "
+                    "calibration tuned_sigmas)")
     n_boot = settings.get("n_boot", 0)
     return (f"{results['n_cases']} test cases, {results['n_slices']} slices, pixel metrics "
             "pooled over all test slices, every map restricted to the brain (the lowest "

@@ -192,7 +192,13 @@ def test_evaluate_cli_calibrates_on_the_target_data_and_scores_the_untrained_con
     assert len(folds) == 2 and sorted(c for f in folds for c in f["test"]) == sorted(
         res["per_case"]["rec_error"])
     assert {"best_map", "best_null", "null_intensity", "null_lr"} <= set(res["predictors"])
-    assert "best fair null" in (tmp_path / "e" / "results.md").read_text()
+    md = (tmp_path / "e" / "results.md").read_text()
+    assert "best fair null" in md and "_tuned rows' sigmas" in md
+    assert "rec_grad_tuned" in res["predictors"] and not any(
+        k.endswith("_unsmoothed") for k in res["predictors"])
+    assert main([*args, "--out", str(tmp_path / "n"), "--tune-sigma", "false"]) == 0
+    untuned = json.loads((tmp_path / "n" / "results.json").read_text())["predictors"]
+    assert not any(k.endswith("_tuned") for k in untuned)
     assert main([*args, "--out", str(tmp_path / "u"), "--untrained"]) == 0
     ctl = json.loads((tmp_path / "u" / "results.json").read_text())
     assert ctl["run"]["checkpoint"] == {"untrained": True, "seed": 0}

@@ -11,12 +11,11 @@ predictor, the channels reduced as follows. The likelihood factorises over chann
 pixel's reconstruction terms add up: rec_error, rec_pos, rec_neg and combi's NLL factor are
 summed over channels. A gradient map is the sum over channels of |grad| (rec_grad, kl_grad,
 elbo_grad, elbo_grad_sum, combi's KL factor; rec_grad_pos / rec_grad_neg sum the positive /
-negative parts): the L1
-norm of the pixel's gradient vector, which, as the reconstruction sum, adds the evidence of
-each sequence rather than letting opposite signs in two sequences cancel (|sum_c g_c|
-would), and which a lesion visible in one sequence only still reaches. The channels are
-reduced before smoothing (smoothing is linear, so it is the same as after) and before
-combi's min-max. For C = 1 every map is exactly the single-channel map.
+negative parts): the L1 norm of the pixel's gradient vector, which, as the reconstruction
+sum, adds the evidence of each sequence rather than letting opposite signs in two sequences
+cancel (|sum_c g_c| would), and which a lesion visible in one sequence only still reaches.
+The channels are reduced before smoothing (smoothing is linear, so it is the same as after)
+and before combi's min-max. For C = 1 every map is exactly the single-channel map.
 """
 
 import functools
@@ -55,6 +54,7 @@ def unsmoothed_name(name: str) -> str:
 def is_unsmoothed(name: str) -> bool:
     """Whether `name` is an unsmoothed twin (a source of tuned rows, not a row itself)."""
     return name.endswith("_unsmoothed")
+
 
 def gaussian_matrix(size: int, sigma: float):
     """(size, size) matrix K such that K @ img @ K.T is a zero-padded Gaussian blur.

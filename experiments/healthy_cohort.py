@@ -16,10 +16,8 @@ AUPRC), paired over the bootstrap resamples of the test cases.
     python experiments/healthy_cohort.py --seeds 0 1 2 --latent-dim 64
     python experiments/healthy_cohort.py --seeds 0 --latent-dim 32      # a sweep point
 
-A page per setting: docs/results/healthy_cohort.md (l = 64, beta = 1) or
-healthy_cohort_l{L}_b{beta}.md.
-
-Writes docs/results/healthy_cohort.md (committed) and results/healthy_cohort/ (the runs'
+Writes a page per setting, committed: docs/results/healthy_cohort.md (l = 64, beta = 1) or
+docs/results/healthy_cohort_l{L}[_b{beta}].md; and results/healthy_cohort/ (the runs'
 evaluations, not committed). A run that has already finished (its metrics.jsonl ends with a
 "stop") is evaluated as it is; one that has not is trained (or resumed) first.
 """

@@ -71,6 +71,7 @@ def test_score_maps_rows_baseline_and_ensemble_fitted_on_validation_cases(model_
     assert set(rows) == {"rec_error", "kl_grad", "rec_grad", "intensity", "ensemble",
                          "ensemble_plain", "ensemble+intensity", "rec_error_smooth",
                          "null_intensity", "null_lr", "best_null", "best_map",
+                         "ensemble+null",
                          "rec_error_tuned"}  # given maps without unsmoothed twins: no other
     weights = res["calibration"]["ensemble_weights"]
     assert not any(weights["ensemble_plain"]["log_scale"])  # the paper's: no transform

@@ -18,10 +18,10 @@ import nibabel as nib
 import numpy as np
 
 import jaxvae
-from jaxvae import segment
 from jaxvae.data import phantom, splits
 from jaxvae.data.datasets import find_brats_cases, load_slices
-from jaxvae.evaluate import EvalSettings
+from jaxvae.inference import segment
+from jaxvae.inference.settings import EvalSettings
 
 
 def main(argv=None):

@@ -24,16 +24,22 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxvae.checkpoint import load_run
-from jaxvae.config import DEFAULT_LR, PATIENCE_STEPS, STEP_BUDGET, TrainConfig
+from jaxvae.base.io import write_text
+from jaxvae.base.table import Table
+from jaxvae.cli.app import EVAL_HELP, TRAIN_HELP
+from jaxvae.cli.flags import add_flags
+from jaxvae.core.model import reconstruct
 from jaxvae.data import datasets, splits
 from jaxvae.data.preprocess import PreprocessParams
-from jaxvae.evaluate import EvalSettings, compute_maps, score_folds
-from jaxvae.figures import map_figure
-from jaxvae.io import markdown_table, write_text
-from jaxvae.model import reconstruct
-from jaxvae.results import row_order
-from jaxvae.train import init_state, train
+from jaxvae.inference.compute import compute_maps
+from jaxvae.inference.evaluate import score_folds
+from jaxvae.inference.settings import EvalSettings
+from jaxvae.report.figures import map_figure
+from jaxvae.report.results import row_order
+from jaxvae.training.checkpoint import load_run
+from jaxvae.training.config import CLI_SCHEDULE, TrainConfig
+from jaxvae.training.on_split import train_on_split
+from jaxvae.training.trainer import init_state
 
 _TABLES = Path(__file__).resolve().parents[1].parent / "shared/reference/paper_tables.json"
 PAPER = json.loads(_TABLES.read_text()) if _TABLES.is_file() else {}  # the paper's numbers
@@ -49,16 +55,11 @@ def parser(description):
     ap.add_argument("--image-size", type=int, default=64, help="64 or 128")
     ap.add_argument("--folds", type=int, default=None, help="default: 1 (phantom), 2 (otherwise)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    # the CLI's schedule (jaxvae.config): trained until the validation loss stops improving
-    ap.add_argument("--max-steps", type=int, default=STEP_BUDGET)
-    ap.add_argument("--patience-steps", type=int, default=PATIENCE_STEPS,
-                    help="stop after this many optimiser steps without a better validation "
-                         "loss (the run's --patience, in optimiser steps)")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
-    ap.add_argument("--proj-steps", type=int, default=100)
-    ap.add_argument("--proj-lam", type=float, default=1.0)
-    ap.add_argument("--n-boot", type=int, default=1000)
+    # the CLI's flags, defaults and schedule (trained until the validation loss stops
+    # improving), from the same dataclasses
+    add_flags(ap, TrainConfig, ("max_steps", "patience", "batch_size", "lr"), help=TRAIN_HELP,
+              defaults=CLI_SCHEDULE)
+    add_flags(ap, EvalSettings, ("proj_steps", "proj_lam", "n_boot"), help=EVAL_HELP)
     ap.add_argument("--out", type=Path, default=None, help="default: results/<experiment>")
     ap.add_argument("--runs", type=Path, default=Path("results/runs"))
     return ap
@@ -99,17 +100,15 @@ def load_folds(args):
 def trained(args, fold, split, train_set, val, data_desc, *, latent_dim, beta, seed):
     """Train (or resume, or just load) the run of one setting, seed and fold."""
     run = args.runs / (f"{args.tag}-{args.seq_tag}-l{latent_dim}-b{beta:g}-lr{args.lr:g}"
-                       f"-ms{args.max_steps}-ps{args.patience_steps}-s{seed}-f{fold}of{args.folds}")
+                       f"-ms{args.max_steps}-ps{args.patience}-s{seed}-f{fold}of{args.folds}")
     images = train_set.images
     cfg = TrainConfig(latent_dim=latent_dim, beta=beta, lr=args.lr, batch_size=args.batch_size,
                       epochs=100_000, seed=seed, checkpoint_every=50,
                       image_size=args.image_size,
                       in_channels=images.shape[-1] if images.ndim == 4 else 1,
-                      patience=args.patience_steps,
+                      patience=args.patience,
                       max_steps=args.max_steps, data=data_desc)
-    _, history = train(cfg, train_set.images, run, resume=True, progress=False,
-                       val_images=val.lesion_free().images)
-    splits.write_split(split, run / "split.json", overwrite=True)
+    _, history = train_on_split(cfg, train_set, val, split, run, resume=True, progress=False)
     model, params, cfg = load_run(run)
     best = min(history, key=lambda h: h.get("val_loss", np.inf))
     info = {"fold": fold, "untrained_params": init_state(cfg)[0],  # the control's network
@@ -217,7 +216,7 @@ def table(rows, paper=None, *, setting_label):
             lines.append([setting, label, *(_cell(res, pred, k) for k, _ in METRICS),
                           _cell(ctl, pred, "auprc") if ctl and pred in ctl["summary"] else "",
                           _vs_null(res, pred), "" if p is None else f"{p:.3f}"])
-    return markdown_table(header, lines)
+    return Table(header, lines).markdown()
 
 
 def training_note(rows) -> str:
@@ -237,12 +236,12 @@ def write_outputs(args, name, rows, md_title, paper=None, *, setting_label, extr
     command = "python " + " ".join([f"experiments/{name}.py", *sys.argv[1:]])
     payload = {"experiment": name, "command": command, "data": args.data,
                "modality": args.modality, "folds": args.folds, "seeds": args.seeds,
-               "max_steps": args.max_steps, "patience_steps": args.patience_steps,
+               "max_steps": args.max_steps, "patience": args.patience,
                "lr": args.lr,
                "results": rows, "paper": paper, **(extra or {})}
     md = (f"# {md_title}\n\n`{command}`\n\nData: {args.tag} ({args.modality}), "
           f"{args.folds} fold(s) by case, one validation case per fold, lr {args.lr:g}, at most "
-          f"{args.max_steps} steps, patience ~{args.patience_steps} steps, seeds {args.seeds}. "
+          f"{args.max_steps} steps, patience ~{args.patience} steps, seeds {args.seeds}. "
           "Cells: pooled over the folds' test cases; one seed: value [95 % case-bootstrap "
           "interval]; several: mean ± sd over seeds. Dice (val. thr.): threshold fitted on "
           "each fold's validation case; best Dice: oracle threshold on the test labels. "

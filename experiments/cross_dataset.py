@@ -16,6 +16,7 @@ mean and standard deviation over seeds of every metric. With one test case, a bo
 test cases cannot give an interval: the spread shown is over seeds only.
 """
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -24,20 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxvae.checkpoint import load_run
-from jaxvae.config import (
-    DEFAULT_LR,
-    PATIENCE_STEPS,
-    STEP_BUDGET,
-    TrainConfig,
-    model_from_config,
-)
+from jaxvae.base.io import write_text
+from jaxvae.base.table import Table
+from jaxvae.cli.app import EVAL_HELP, TRAIN_HELP
+from jaxvae.cli.flags import add_flags
 from jaxvae.data import datasets, splits
 from jaxvae.data.preprocess import PreprocessParams
-from jaxvae.evaluate import KNOWN_PREDICTORS, EvalSettings, score_dataset, score_maps
-from jaxvae.io import markdown_table, write_text
-from jaxvae.results import row_order
-from jaxvae.train import init_state, train
+from jaxvae.inference.evaluate import score_dataset, score_maps
+from jaxvae.inference.settings import KNOWN_PREDICTORS, EvalSettings
+from jaxvae.report.results import row_order
+from jaxvae.training.checkpoint import load_run
+from jaxvae.training.config import CLI_SCHEDULE, TrainConfig, model_from_config
+from jaxvae.training.on_split import train_on_split
+from jaxvae.training.trainer import init_state
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data"
 METRICS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"),
@@ -45,8 +45,6 @@ METRICS = (("auroc", "AUROC"), ("auroc_brain", "AUROC brain"), ("auprc", "AUPRC"
 
 
 def parser():
-    import argparse
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train-data", default=str(SHARED / "brats2018_flair"))
     ap.add_argument("--test-data", default=str(SHARED / "brats2021_t2"))
@@ -55,13 +53,10 @@ def parser():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--latent-dim", type=int, default=64)
     ap.add_argument("--beta", type=float, default=1.0)
-    # the CLI's schedule (jaxvae.config): trained until the validation loss stops improving
-    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--max-steps", type=int, default=STEP_BUDGET)
-    ap.add_argument("--patience-steps", type=int, default=PATIENCE_STEPS,
-                    help="the plateau rule: steps without a better validation loss")
-    ap.add_argument("--proj-steps", type=int, default=100)
+    # the CLI's flags, defaults and schedule, from the same dataclasses
+    add_flags(ap, TrainConfig, ("lr", "batch_size", "max_steps", "patience"), help=TRAIN_HELP,
+              defaults=CLI_SCHEDULE)
+    add_flags(ap, EvalSettings, ("proj_steps",), help=EVAL_HELP)
     ap.add_argument("--untrained", action="store_true",
                     help="control: score the initial network of each seed (no training), with "
                          "the same validation case, thresholds and ensembles")
@@ -79,7 +74,7 @@ def train_run(args, seed, slices, desc):
     seqs = args.modality.replace(",", "+")
     run = args.runs.resolve() / (f"xd-{Path(args.train_data).name}-{seqs}-"
                                  f"l{args.latent_dim}-b{args.beta:g}-lr{args.lr:g}-"
-                                 f"ms{args.max_steps}-ps{args.patience_steps}-s{seed}"
+                                 f"ms{args.max_steps}-ps{args.patience}-s{seed}"
                                  + ("-crop" if args.crop else "")
                                  + ("" if args.image_size == 64 else f"-px{args.image_size}"))
     images = train_set.images
@@ -87,7 +82,7 @@ def train_run(args, seed, slices, desc):
                       batch_size=args.batch_size, epochs=100_000, image_size=args.image_size,
                       in_channels=images.shape[-1] if images.ndim == 4 else 1,
                       seed=seed, checkpoint_every=50,
-                      patience=args.patience_steps,
+                      patience=args.patience,
                       max_steps=args.max_steps,
                       data=splits.split_description(desc, folds=1, fold=0, seed=seed,
                                                     split=split,
@@ -98,9 +93,7 @@ def train_run(args, seed, slices, desc):
             "steps": 0, "epochs": 0, "stop": "untrained", "best_step": 0,
             "train_seconds": 0.0, "val_cases": list(split.val)}
     t0 = time.time()
-    _, history = train(cfg, train_set.images, run, resume=True, progress=False,
-                       val_images=val.lesion_free().images)
-    splits.write_split(split, run / "split.json", overwrite=True)
+    _, history = train_on_split(cfg, train_set, val, split, run, resume=True, progress=False)
     model, params, cfg = load_run(run)
     best = min(history, key=lambda h: h["val_loss"])
     info = {"run": str(run), "steps": history[-1]["step"], "epochs": history[-1]["epoch"],
@@ -141,7 +134,7 @@ def summary_table(per_seed):
             cells.append(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1
                          else f"{v[0]:.3f}")
         rows.append([f"{name} (baseline)" if name == "intensity" else name, *cells])
-    return markdown_table(["predictor", *(label for _, label in METRICS)], rows)
+    return Table(["predictor", *(label for _, label in METRICS)], rows).markdown()
 
 
 def main(argv=None):
@@ -175,7 +168,7 @@ def main(argv=None):
           f"{Path(args.test_data).name} ({args.modality})\n\n`{command}`\n\n"
           f"l = {args.latent_dim}, beta = {args.beta:g}, lr {args.lr:g}, batch "
           f"{args.batch_size}, at most "
-          f"{args.max_steps} steps, patience ~{args.patience_steps} steps"
+          f"{args.max_steps} steps, patience ~{args.patience} steps"
           f"{', slices cropped to the brain box' if args.crop else ''}; {steps}. "
           f"{len(test.cases)} test case(s), {len(test)} slices. Thresholds and ensembles "
           f"fitted on each run's validation case. Mean ± sd over {len(per_seed)} seed(s).\n\n"

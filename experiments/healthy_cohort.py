@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxvae.base.table import cell
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path("../shared/data")  # as the commands are run: from the repository root
 MAPS = ("rec_error", "rec_error_smooth", "rec_error_tuned", "rec_neg", "rec_neg_tuned",
@@ -49,13 +51,6 @@ def _run(cmd: list[str]) -> float:
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
     return time.time() - t0
-
-
-def _fmt(v, ci=None):
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return "n/a"
-    ok = ci and not any(c is None or np.isnan(c) for c in ci)  # one case: no interval
-    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ok else "")
 
 
 def _diff(r, key, metric):
@@ -169,7 +164,7 @@ def write_page(args, out, walls, wall):
             for s in seeds:
                 for ctl, acc in (("", tm), ("-untrained", um)):
                     r = out[f"{test}-s{s}{ctl}"]["predictors"].get(row, {})
-                    cells.append(_fmt(r.get("auprc"), r.get("ci", {}).get("auprc")))
+                    cells.append(cell(r.get("auprc"), r.get("ci", {}).get("auprc")))
                     acc.append(r.get("auprc", np.nan))
             md.append(f"| {row} | " + " | ".join(cells)
                       + f" | {np.nanmean(tm):.3f} | {np.nanmean(um):.3f} |")

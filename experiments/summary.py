@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jaxvae.io import markdown_table  # noqa: E402
-from jaxvae.results import ROW_ORDER  # noqa: E402
+from jaxvae.base.table import MISSING, Table, cell  # noqa: E402
+from jaxvae.report.results import ROW_ORDER  # noqa: E402
 
 
 def _f(x):
-    return "–" if x is None or x != x else f"{x:.3f}"
+    return cell(x)
 
 
 def _auprc(res, p):
@@ -38,14 +38,14 @@ def compact(payload) -> str:
         cells = []
         for s in cols:
             m = res[s]["summary"].get(p)
-            cells.append("–" if m is None else f"**{_f(m['auroc']['mean'])}** "
+            cells.append(MISSING if m is None else f"**{_f(m['auroc']['mean'])}** "
                          f"({_f((paper.get(s) or {}).get(p))}) / {_auprc(res[s], p)} / "
                          f"{_f(m['dice_val']['mean'])}")
-        if set(cells) != {"–"}:
+        if set(cells) != {MISSING}:
             name = "intensity (baseline)" if p == "intensity" else p
             lines.append([name, *cells])
-    return markdown_table(["predictor", *(f"{s}: AUROC (paper) / AUPRC / Dice (val. thr.)"
-                                          for s in cols)], lines)
+    return Table(["predictor", *(f"{s}: AUROC (paper) / AUPRC / Dice (val. thr.)"
+                                          for s in cols)], lines).markdown()
 
 
 if __name__ == "__main__":

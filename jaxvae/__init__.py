@@ -1,17 +1,18 @@
 """jaxvae: unsupervised anomaly localisation in brain MRI with VAEs and beta-VAEs."""
 
-from jaxvae.augment import augment_batch
-from jaxvae.checkpoint import load_run
-from jaxvae.config import AugmentConfig, TrainConfig, model_from_config
-from jaxvae.errors import ConfigError, DataError, JaxvaeError, OutputError, RunError
-from jaxvae.execution import ExecutionPolicy
-from jaxvae.losses import beta_elbo, kl_divergence, rec_nll, squared_error
-from jaxvae.model import ConvVAE, decode, encode, init_params, reconstruct
-from jaxvae.parallel import initialize_distributed, make_mesh
-from jaxvae.predictors import PREDICTORS, anomaly_maps, smooth
-from jaxvae.projection import project
-from jaxvae.score import sharded_maps, sharded_project, volume_maps
-from jaxvae.train import make_train_step, train
+from jaxvae.base.errors import ConfigError, DataError, JaxvaeError, OutputError, RunError
+from jaxvae.core.augment import AugmentConfig, augment_batch
+from jaxvae.core.losses import beta_elbo, kl_divergence, rec_nll, squared_error
+from jaxvae.core.model import ConvVAE, decode, encode, init_params, reconstruct
+from jaxvae.core.predictors import PREDICTORS, anomaly_maps, smooth
+from jaxvae.core.projection import project
+from jaxvae.inference.volumes import volume_maps
+from jaxvae.runtime.batching import sharded_maps, sharded_project
+from jaxvae.runtime.execution import ExecutionPolicy
+from jaxvae.runtime.parallel import initialize_distributed, make_mesh
+from jaxvae.training.checkpoint import load_run
+from jaxvae.training.config import TrainConfig, model_from_config
+from jaxvae.training.trainer import make_train_step, train
 
 __all__ = [
     "PREDICTORS",

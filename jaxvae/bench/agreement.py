@@ -12,11 +12,22 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from nibabel.orientations import (
+    apply_orientation,
+    axcodes2ornt,
+    io_orientation,
+    ornt_transform,
+)
 
-import jaxvae
-from jaxvae import losses
-from jaxvae.errors import DataError
-from jaxvae.predictors import GRADIENT_MAPS, PREDICTORS
+from jaxvae.base.errors import DataError
+from jaxvae.core import losses
+from jaxvae.core.model import decode, encode
+from jaxvae.core.predictors import GRADIENT_MAPS, PREDICTORS, anomaly_maps
+from jaxvae.core.projection import project
+from jaxvae.data import nifti, phantom
+from jaxvae.data.datasets import find_brats_cases, load_slices
+from jaxvae.data.preprocess import PreprocessParams, brain_mask, preprocess_volume
+from jaxvae.data.slices import with_channels
 
 # real scans beside the repository (../shared/data/README.md); absent on most machines
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -39,26 +50,17 @@ def _spread(n_total: int, n: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _phantom_slices(seed: int, size: int = 64, in_channels: int = 1) -> np.ndarray:
+def phantom_slices(seed: int, size: int = 64, in_channels: int = 1) -> np.ndarray:
     """All pre-processed (S, size, size[, C]) slices of phantom case `seed` (a tumour case).
 
     The volume is reoriented to RAS as `jaxvae.data.nifti.load_volume` does with the file
     the phantom writer would save (BraTS affine), then goes through `preprocess_volume` with
-    `PreprocessParams(size=size)`, as `jaxvae.score.score_volume` and `load_slices` do. One
+    `PreprocessParams(size=size)`, as `score_volume`
+    and `load_slices` do. One
     channel is the T2 rendering; C channels cycle through the phantom's co-registered
     renderings (T2, FLAIR, ...), each normalised on its own over the phantom's brain mask,
     so every channel keeps the same slices.
     """
-    from nibabel.orientations import (
-        apply_orientation,
-        axcodes2ornt,
-        io_orientation,
-        ornt_transform,
-    )
-
-    from jaxvae.data import phantom
-    from jaxvae.data.preprocess import PreprocessParams, preprocess_volume
-
     def ras(a):
         return np.ascontiguousarray(apply_orientation(a, ornt_transform(
             io_orientation(case.affine), axcodes2ornt("RAS"))))
@@ -81,10 +83,6 @@ def _real_slices(root: Path, size: int = 64, in_channels: int = 1):
     One channel: FLAIR through `load_slices`. C channels cycle through REAL_MODALITIES
     (co-registered in that folder), each normalised on its own over the first one's brain.
     """
-    from jaxvae.data import nifti
-    from jaxvae.data.datasets import find_brats_cases, load_slices
-    from jaxvae.data.preprocess import PreprocessParams, brain_mask, preprocess_volume
-
     folder, modality = REAL_AGREEMENT_DATA
     params = PreprocessParams(size=size)
     case = find_brats_cases(root / folder, modality)[0]
@@ -111,11 +109,11 @@ def agreement_inputs(n: int = 8, seed: int = 0, shared_data=SHARED_DATA, log=pri
     """
     def batch(images):
         idx = _spread(len(images), n)
-        x = images[idx] if images.ndim == 4 else images[idx][..., None]
+        x = with_channels(images[idx])
         return jnp.asarray(x), idx
 
     out = {}
-    images = _phantom_slices(seed, image_size, in_channels)
+    images = phantom_slices(seed, image_size, in_channels)
     x, idx = batch(images)
     out["phantom"] = (x, f"phantom case {seed} (tumour, {image_size}x{image_size}, "
                          f"{in_channels} channel(s)), slices {idx.tolist()} of {len(images)}")
@@ -174,7 +172,7 @@ def check_agreement(model, params, tr, tmodel, x=None, *, ops, beta, sigma, step
 
 def _agreement_errors(model, params, tr, tmodel, x, *, ops, beta, sigma, steps, lam,
                       lr) -> dict:
-    import torch
+    import torch  # optional: the bench extra; JAX-only runs never import it
     old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     errs = {}
@@ -183,26 +181,26 @@ def _agreement_errors(model, params, tr, tmodel, x, *, ops, beta, sigma, steps, 
     try:
         with jax.default_matmul_precision("highest"):
             if {"grad_maps_fused", "grad_maps_naive"} & set(ops):
-                ref = jaxvae.anomaly_maps(model, params, x, beta=beta, predictors=GRADIENT_MAPS,
+                ref = anomaly_maps(model, params, x, beta=beta, predictors=GRADIENT_MAPS,
                                           smooth_sigma=sigma)
                 for v in tr.GRAD_MAP_VARIANTS:
                     got = tr.grad_maps(tmodel, xt, beta, sigma, variant=v)
                     for k in GRADIENT_MAPS:
                         errs[f"grad_maps[{v}].{k}"] = _rel_err(ref[k], got[k].cpu().numpy())
             for op in set(ops) & set(PREDICTORS):
-                ref = jaxvae.anomaly_maps(model, params, x, beta=beta, predictors=[op],
+                ref = anomaly_maps(model, params, x, beta=beta, predictors=[op],
                                           smooth_sigma=sigma)[op]
                 errs[op] = _rel_err(ref, tr.predictor(tmodel, xt, op, beta, sigma).cpu().numpy())
             if "projection" in ops:
-                ref = jaxvae.project(model, params, x, lam=lam, steps=steps, lr=lr)[1]
+                ref = project(model, params, x, lam=lam, steps=steps, lr=lr)[1]
                 errs["projection"] = _rel_err(ref, tr.project(tmodel, xt, lam, steps, lr)[1]
                                               .cpu().numpy())
             if "train_step" in ops:
                 eps = jax.random.normal(jax.random.key(3), (x.shape[0], model.latent_dim))
 
                 def loss_fn(p):
-                    mu, ls = jaxvae.encode(model, p, x)
-                    x_hat = jaxvae.decode(model, p, mu + jnp.exp(ls) * eps)
+                    mu, ls = encode(model, p, x)
+                    x_hat = decode(model, p, mu + jnp.exp(ls) * eps)
                     return jnp.mean(losses.beta_elbo(x, x_hat, mu, ls, beta)[0])
 
                 loss, g = jax.value_and_grad(loss_fn)(params)

@@ -22,11 +22,11 @@ import nibabel
 import numpy as np
 import scipy
 
+from jaxvae.base.errors import JaxvaeError
+from jaxvae.base.io import write_text
 from jaxvae.data import nifti
 from jaxvae.data.datasets import find_brats_cases
 from jaxvae.data.preprocess import PreprocessParams, preprocess_volume
-from jaxvae.errors import JaxvaeError
-from jaxvae.io import write_text
 
 DEFAULT_CASE = Path(__file__).resolve().parents[1] / "../shared/data/brats2021_t2/BraTS2021_00006"
 

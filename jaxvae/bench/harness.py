@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import jaxvae
-from jaxvae import execution, losses, score
+from jaxvae.base.errors import ConfigError
+from jaxvae.base.io import write_text
 from jaxvae.bench.agreement import agreement_inputs, check_agreement
 from jaxvae.bench.report import markdown, ratios
 from jaxvae.bench.timing import (
@@ -43,10 +43,12 @@ from jaxvae.bench.timing import (
     op_flops,
     peak_matmul_gflops,
 )
-from jaxvae.convs import CONV_IMPLS
-from jaxvae.io import write_text
-from jaxvae.model import IMAGE_SIZES
-from jaxvae.predictors import GRADIENT_MAPS, PREDICTORS, smooth
+from jaxvae.core import losses
+from jaxvae.core.convs import CONV_IMPLS
+from jaxvae.core.model import IMAGE_SIZES, ConvVAE, decode, encode, init_params
+from jaxvae.core.predictors import GRADIENT_MAPS, PREDICTORS, smooth
+from jaxvae.runtime import batching, execution
+from jaxvae.training.trainer import make_train_step
 
 OPS = ("grad_maps_fused", "grad_maps_naive", "rec_error", "rec_grad", "kl_grad", "elbo_grad",
        "combi", "projection", "train_step")
@@ -61,17 +63,17 @@ ROW_KEYS = ("framework", "op", "batch_size", "images_per_s", "ms_per_batch", "co
 def _naive_grad_fns(model, beta, sigma):
     """Three separately jitted jax.grad maps, each with its own forward pass."""
     def rec(params, x):
-        mu, _ = jaxvae.encode(model, params, x)
-        return jnp.sum(losses.rec_nll(x, jaxvae.decode(model, params, mu)))
+        mu, _ = encode(model, params, x)
+        return jnp.sum(losses.rec_nll(x, decode(model, params, mu)))
 
     def kl(params, x):
-        return jnp.sum(losses.kl_divergence(*jaxvae.encode(model, params, x)))
+        return jnp.sum(losses.kl_divergence(*encode(model, params, x)))
 
     def elbo(params, x):
         return rec(params, x) + beta * kl(params, x)
 
     def as_map(loss):
-        # the sum over channels of |grad|, as jaxvae.predictors
+        # the sum over channels of |grad|, as jaxvae.core.predictors
         return lambda p, x: smooth(jnp.sum(jnp.abs(jax.grad(loss, argnums=1)(p, x)), -1),
                                    sigma)
 
@@ -79,10 +81,8 @@ def _naive_grad_fns(model, beta, sigma):
 
 
 def _library_train_step(model, beta, policy):
-    """jaxvae.train.make_train_step(model, lr=1e-4, beta) as the trainer runs it under
+    """jaxvae.training.trainer.make_train_step(model, lr=1e-4, beta) as the trainer runs it under
     `policy` (its convolution form and micro-batches), without augmentation."""
-    from jaxvae.train import make_train_step
-
     return make_train_step(policy.training_model(model), lr=1e-4, beta=float(beta),
                            augment=None, micro_batch=policy.micro_batch)
 
@@ -118,7 +118,7 @@ def jax_case(op, model, params, x, *, beta, sigma, steps, lam, lr, policy=None) 
                     sum(s[1] for s in stages), sum(s[2] or 0.0 for s in stages) or None)
     if op == "train_step":
         key = jax.random.key(42)
-        lib = _library_train_step(model, beta, policy)  # jaxvae.train's own jitted step
+        lib = _library_train_step(model, beta, policy)  # jaxvae.training.trainer's own jitted step
         state = {"p": params, "o": optax.adam(1e-4).init(params)}
         c, dt, fl = aot(lib, state["p"], state["o"], x, key)
 
@@ -132,15 +132,15 @@ def jax_case(op, model, params, x, *, beta, sigma, steps, lam, lr, policy=None) 
     # another jit; its compile_s is filled in from the first call (see run)
     kw = dict(policy=policy, mesh=None)
     if op == "grad_maps_fused":
-        fn = lambda: score.maps(model, params, x, beta=beta, predictors=GRADIENT_MAPS,
+        fn = lambda: batching.maps(model, params, x, beta=beta, predictors=GRADIENT_MAPS,
                                 smooth_sigma=sigma, **kw)
     elif op in PREDICTOR_OPS:
-        fn = lambda: score.maps(model, params, x, beta=beta, predictors=[op],
+        fn = lambda: batching.maps(model, params, x, beta=beta, predictors=[op],
                                 smooth_sigma=sigma, **kw)[op]
     elif op == "projection":
-        fn = lambda: score.project(model, params, x, lam=lam, steps=steps, lr=lr, **kw)[1]
+        fn = lambda: batching.project(model, params, x, lam=lam, steps=steps, lr=lr, **kw)[1]
     else:
-        raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+        raise ConfigError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
     return Case(lambda: block(fn()))
 
 
@@ -148,7 +148,7 @@ def jax_case(op, model, params, x, *, beta, sigma, steps, lam, lr, policy=None) 
 
 def _torch():
     try:
-        import torch
+        import torch  # optional: the bench extra; JAX-only runs never import it
 
         from jaxvae.bench import torch_reference
     except ImportError as e:
@@ -158,7 +158,7 @@ def _torch():
 
 def torch_case(op, tr, tmodel, xt, *, beta, sigma, steps, lam, lr, variant=None,
                train_model=None) -> Case:
-    import torch
+    import torch  # optional: the bench extra; JAX-only runs never import it
     sync = torch.cuda.synchronize if xt.is_cuda else (lambda: None)
 
     def run(f):
@@ -177,7 +177,7 @@ def torch_case(op, tr, tmodel, xt, *, beta, sigma, steps, lam, lr, variant=None,
     if op == "train_step":
         opt = torch.optim.Adam(train_model.parameters(), lr=1e-4)
         return run(lambda: tr.train_step(train_model, opt, xt, beta))
-    raise ValueError(f"unknown op {op!r}")
+    raise ConfigError(f"unknown op {op!r}")
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
     """
     unknown = set(ops) - set(OPS)
     if unknown:
-        raise ValueError(f"unknown op(s) {sorted(unknown)}; choose from {', '.join(OPS)}")
+        raise ConfigError(f"unknown op(s) {sorted(unknown)}; choose from {', '.join(OPS)}")
     torch, tr, why = _torch() if "torch" in frameworks else (None, None, "not requested")
     notes = []
     if "torch" in frameworks and torch is None:
@@ -227,7 +227,8 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
         latent_dim=latent_dim, image_size=image_size, in_channels=in_channels,
         conv_impl=conv_impl, beta=beta, sigma=sigma,
         projection_steps=projection_steps,
-        lam=lam, lr=lr, train_step="jaxvae.train.make_train_step (adam 1e-4, no augmentation)",
+        lam=lam, lr=lr, train_step="jaxvae.training.trainer.make_train_step (adam 1e-4, no "
+        "augmentation)",
         flops="analytic useful FLOPs (jaxvae.bench.timing.op_flops); xla_mflop_per_image is "
               "XLA cost_analysis of the compiled JAX program",
         precision="framework defaults for timing; agreement checked at full float32")}
@@ -235,12 +236,12 @@ def run(batch_sizes=(64, 256), ops=OPS, frameworks=("jax", "torch"), repeats=5, 
     if conv_impl != "auto":
         policy = dataclasses.replace(policy, train_conv=conv_impl, inference_conv=conv_impl)
     # the plain form; the policy picks its own
-    model = jaxvae.ConvVAE(latent_dim=latent_dim, image_size=image_size,
+    model = ConvVAE(latent_dim=latent_dim, image_size=image_size,
                            in_channels=in_channels)
     policy = policy.for_model(model)  # chunks and micro-batches of the model's image size
     report["settings"]["policy"] = dataclasses.asdict(policy)
     # one compiled init: eager Flax init compiles each initializer separately (~10 s)
-    params = jax.jit(jaxvae.init_params, static_argnums=0)(model, jax.random.key(seed))
+    params = jax.jit(init_params, static_argnums=0)(model, jax.random.key(seed))
     macs = model_macs(model)
     report["mflop_per_image_forward"] = 2 * (macs["E"] + macs["D"]) / 1e6
     report["peak_gflops"] = peak_matmul_gflops(peak_n)
@@ -326,7 +327,7 @@ def _images(n, seed, model):
 
 
 def _pick_torch_threads(report, tr, tmodel, xt, kw, threads, log):
-    import torch
+    import torch  # optional: the bench extra; JAX-only runs never import it
     default = torch.get_num_threads()
     if threads is None and default > 1:
         times = {}

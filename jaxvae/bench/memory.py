@@ -11,7 +11,7 @@ child process and reads its peak resident set size (ru_maxrss of the finished ch
 small wrapper process per size, so no other child is counted). The same is measured for a
 child that only loads and splits the data (the SliceSet, which every caller holds anyway),
 so the scorer's own share can be told apart. The JSON (peaks in MB, the ratio of the largest
-size's peak to the smallest's, settings, wall times) is written with `jaxvae.io.write_text`
+size's peak to the smallest's, settings, wall times) is written with `jaxvae.base.io.write_text`
 and printed. `--src DIR` evaluates with the `jaxvae` package found in DIR (e.g. an export of
 an older commit) for a before/after comparison.
 """
@@ -25,6 +25,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from jaxvae.base.io import write_text
+from jaxvae.data import datasets, splits
+from jaxvae.training.config import TrainConfig
+from jaxvae.training.trainer import train
 
 # Runs the command given as its arguments and prints its peak RSS (KiB on Linux) and seconds.
 _WRAPPER = ("import json, resource, subprocess, sys, time\n"
@@ -79,11 +84,6 @@ def main(argv=None) -> int:
         ap.error(f"--src {src}: no jaxvae/cli.py there")
     env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
     os.environ["JAXVAE_CACHE"] = env["JAXVAE_CACHE"]  # the slice cache the children will read
-
-    from jaxvae.config import TrainConfig
-    from jaxvae.data import datasets, splits
-    from jaxvae.io import write_text
-    from jaxvae.train import train
 
     data, generate = {}, {}
     for n in sizes:

@@ -1,5 +1,7 @@
 """The harness report as markdown, and its JAX/torch and fused/naive ratios."""
 
+from jaxvae.base.table import Table, cell
+
 
 def ratios(rows) -> list:
     """JAX/torch per op and batch, and fused/naive per framework, from the report rows."""
@@ -15,10 +17,6 @@ def ratios(rows) -> list:
     return out
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def markdown(report, op_order) -> str:
     """The report as a markdown table (one line per op and batch size, ops in `op_order`)."""
     rows = {(r["framework"], r["op"], r["batch_size"]): r for r in report["rows"]}
@@ -28,20 +26,20 @@ def markdown(report, op_order) -> str:
              + (f", torch {m['torch']} ({m.get('torch_threads')} threads)" if "torch" in m
                 else "")
              + f"; load avg {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}; "
-             f"peak f32 matmul {report['peak_gflops']:.1f} GFLOP/s.", "",
-             "| op | batch | JAX img/s | torch img/s | JAX/torch | JAX ms | torch ms "
-             "| JAX GFLOP/s | JAX % peak | JAX compile s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"peak f32 matmul {report['peak_gflops']:.1f} GFLOP/s.", ""]
+    table = []
     for op, bs in keys:
         j, t = rows.get(("jax", op, bs)), rows.get(("torch", op, bs))
-        g = lambda r, k, s: _fmt(r[k] if r else None, s)
+        g = lambda r, k, s: cell(r[k] if r else None, spec=s)  # noqa: E731
         ratio = j["images_per_s"] / t["images_per_s"] if j and t else None
         name = op + (f" (torch: {t['variant']})" if t and t.get("variant") else "")
-        lines.append(f"| {name} | {bs} | {g(j, 'images_per_s', '.1f')} | "
-                     f"{g(t, 'images_per_s', '.1f')} | {_fmt(ratio, '.2f')} | "
-                     f"{g(j, 'ms_per_batch', '.1f')} | {g(t, 'ms_per_batch', '.1f')} | "
-                     f"{g(j, 'gflops', '.1f')} | {g(j, 'pct_peak', '.1f')} | "
-                     f"{g(j, 'compile_s', '.2f')} |")
+        table.append([name, bs, g(j, "images_per_s", ".1f"), g(t, "images_per_s", ".1f"),
+                      cell(ratio, spec=".2f"), g(j, "ms_per_batch", ".1f"),
+                      g(t, "ms_per_batch", ".1f"), g(j, "gflops", ".1f"),
+                      g(j, "pct_peak", ".1f"), g(j, "compile_s", ".2f")])
+    lines.append(Table(["op", "batch", "JAX img/s", "torch img/s", "JAX/torch", "JAX ms",
+                        "torch ms", "JAX GFLOP/s", "JAX % peak", "JAX compile s"],
+                       table).markdown(align="l" + "r" * 9).rstrip("\n"))
     fn = [r for r in report["ratios"] if r["kind"] == "fused/naive"]
     if fn:
         lines += ["", "fused/naive (three gradient maps): " + ", ".join(

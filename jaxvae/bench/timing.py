@@ -9,11 +9,13 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import flax
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
-from jaxvae import execution
+from jaxvae.runtime import execution
 
 # ---- FLOP count -----------------------------------------------------------------------------
 
@@ -88,7 +90,7 @@ def _device_peak_mb(framework: str):
         stats = jax.devices()[0].memory_stats() or {}
         peak = stats.get("peak_bytes_in_use")
         return None if peak is None else peak / 2**20
-    import torch
+    import torch  # optional: the bench extra; JAX-only runs never import it
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return None
@@ -113,7 +115,7 @@ def measure(cases: dict, repeats: int, min_sample_s: float = 0.05,
     for fw, case in cases.items():
         rss_ok = _reset_peak_rss()
         if fw == "torch":
-            import torch
+            import torch  # optional: the bench extra; JAX-only runs never import it
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
         first = _time_once(case.call)
@@ -181,8 +183,6 @@ def machine_info(torch) -> dict:
             cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    import flax
-    import jaxlib
     info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__,

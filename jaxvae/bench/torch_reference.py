@@ -14,9 +14,9 @@ tests/test_benchmarks.py):
   enc Dense     Flax (h*w*c, 2l) rows in (h, w, c) order -> torch Linear (2l, c*h*w)
   dec Dense     Flax (l, h*w*c) cols in (h, w, c) order -> torch Linear (c*h*w, l)
 
-Images of C channels and 128x128 images follow jaxvae.model.ConvVAE (one more stage of
+Images of C channels and 128x128 images follow jaxvae.core.model.ConvVAE (one more stage of
 channels[0] features in front at 128) and the maps reduce the channels as
-jaxvae.predictors does: reconstruction terms and |grad| summed over channels.
+jaxvae.core.predictors does: reconstruction terms and |grad| summed over channels.
 """
 
 import math
@@ -27,17 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-COMBI_GROUP = 64  # as jaxvae.predictors.COMBI_GROUP: the reference code's loader batch
+COMBI_GROUP = 64  # as jaxvae.core.predictors.COMBI_GROUP: the reference code's loader batch
 GRAD_MAP_VARIANTS = ("naive", "retain_graph", "fwd1_bwd2", "batched_vjp")
 
 
 def stage_channels(channels=(16, 32, 64, 256), image_size=64) -> tuple[int, ...]:
-    """Encoder stage widths of jaxvae.model.ConvVAE (its `stage_channels`)."""
+    """Encoder stage widths of jaxvae.core.model.ConvVAE (its `stage_channels`)."""
     return (channels[0],) * {64: 0, 128: 1}[image_size] + tuple(channels)
 
 
 class TorchConvVAE(nn.Module):
-    """The ConvVAE of jaxvae.model in PyTorch (NCHW, no biases, LeakyReLU 0.01)."""
+    """The ConvVAE of jaxvae.core.model in PyTorch (NCHW, no biases, LeakyReLU 0.01)."""
 
     def __init__(self, latent_dim=256, channels=(16, 32, 64, 256), image_size=64,
                  in_channels=1):
@@ -115,7 +115,7 @@ def to_torch(x, device="cpu"):
     return torch.from_numpy(np.array(np.asarray(x, np.float32).transpose(0, 3, 1, 2))).to(device)
 
 
-# ---- losses (same definitions as jaxvae.losses) --------------------------------------------
+# ---- losses (same definitions as jaxvae.core.losses) --------------------------------------------
 
 def rec_nll(x, x_hat):
     return 0.5 * (x - x_hat) ** 2 + HALF_LOG_2PI
@@ -135,7 +135,8 @@ def _gaussian_1d(sigma, device):
 
 
 def smooth(maps, sigma=3.0):
-    """Zero-padded separable Gaussian blur of (N, 1, H, W) maps (as jaxvae.predictors.smooth)."""
+    """Zero-padded separable Gaussian blur of (N, 1, H, W) maps (as
+    jaxvae.core.predictors.smooth)."""
     if sigma <= 0:
         return maps
     k, r = _gaussian_1d(sigma, maps.device)
@@ -144,7 +145,7 @@ def smooth(maps, sigma=3.0):
 
 
 def _abs_sum(g):
-    """(N, C, H, W) gradient -> (N, 1, H, W) sum over channels of |g| (jaxvae.predictors)."""
+    """(N, C, H, W) gradient -> (N, 1, H, W) sum over channels of |g| (jaxvae.core.predictors)."""
     return g.abs().sum(1, keepdim=True)
 
 
@@ -245,7 +246,7 @@ def project(model, x0, lam=1.0, steps=100, lr=0.03):
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         x_hat = model.decode(model.encode(x)[0])
-        # d|x - x0|/dx at 0 is 0 in torch, as the subgradient jaxvae.projection uses
+        # d|x - x0|/dx at 0 is 0 in torch, as the subgradient jaxvae.core.projection uses
         energy = rec_nll(x, x_hat).sum() + lam * (x - x0).abs().sum()
         energy.backward()
         opt.step()

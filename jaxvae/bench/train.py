@@ -22,10 +22,11 @@ import time
 import jax
 import numpy as np
 
-from jaxvae import execution, parallel
-from jaxvae.config import TrainConfig
-from jaxvae.io import write_text
-from jaxvae.train import init_state, step_keys, train_step_for
+from jaxvae.base.io import write_text
+from jaxvae.base.table import Table, cell
+from jaxvae.runtime import execution, parallel
+from jaxvae.training.config import TrainConfig
+from jaxvae.training.trainer import init_state, step_keys, train_step_for
 
 
 def bench_batch(batch_size: int, *, steps: int, repeats: int, warmup: int, augment: bool,
@@ -85,12 +86,11 @@ def bench_batch(batch_size: int, *, steps: int, repeats: int, warmup: int, augme
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| batch | compile s | step ms | images/s (step) | images/s (loop) |",
-             "|---:|---:|---:|---:|---:|"]
-    for r in results:
-        lines.append(f"| {r['batch_size']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | "
-                     f"{r['images_per_s_step']:.0f} | {r['images_per_s_loop']:.0f} |")
-    return "\n".join(lines)
+    rows = [[r["batch_size"], cell(r["compile_s"], spec=".1f"), cell(r["step_ms"], spec=".1f"),
+             cell(r["images_per_s_step"], spec=".0f"), cell(r["images_per_s_loop"], spec=".0f")]
+            for r in results]
+    return Table(["batch", "compile s", "step ms", "images/s (step)", "images/s (loop)"],
+                 rows).markdown(align="rrrrr").rstrip("\n")
 
 
 def main(argv=None) -> dict:

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from jaxvae.base.errors import ConfigError, DataError
+from jaxvae.base.io import atomic_path, confined
 from jaxvae.data import nifti, phantom
 from jaxvae.data.preprocess import PreprocessParams, SliceGeometry, preprocess_volume
 from jaxvae.data.sequences import _aliases, modality_text, parse_modalities
@@ -22,8 +25,6 @@ from jaxvae.data.sequences import check_modality as check_modality  # re-exporte
 from jaxvae.data.sequences import modality_of as modality_of
 from jaxvae.data.sequences import same_modality as same_modality
 from jaxvae.data.slices import SliceSet as SliceSet
-from jaxvae.errors import ConfigError, DataError
-from jaxvae.io import atomic_path, confined
 
 _MASK_SUFFIXES = ("_brainmask", "_mask")
 # Bump when the cached arrays change meaning, so old caches are not reused.
@@ -226,7 +227,6 @@ def load_slices(cases, params: PreprocessParams | None = None, *, cache_dir=None
     if not cases:
         raise DataError("no cases to load")
     if progress:
-        from tqdm import tqdm
         cases = tqdm(cases, desc="loading cases", unit="case")
     sets = []
     for case in cases:

@@ -23,8 +23,8 @@ from nibabel.orientations import (
 )
 from nibabel.spatialimages import HeaderDataError, SpatialImage
 
-from jaxvae.errors import DataError, OutputError
-from jaxvae.io import atomic_path
+from jaxvae.base.errors import DataError, OutputError
+from jaxvae.base.io import atomic_path
 
 # In-plane sizes below this are not brain MRI slices (1x1x100000 is a vector, not a volume);
 # sizes above MAX_DIM or MAX_VOXELS (1 GiB as float32; a 0.5 mm whole head is ~0.1 G voxels)

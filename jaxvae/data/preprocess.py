@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxvae.errors import ConfigError, DataError
+from jaxvae.base.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)

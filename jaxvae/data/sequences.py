@@ -7,8 +7,8 @@ sequences over the years; the names of one group below are the same sequence.
 
 from pathlib import Path
 
+from jaxvae.base.errors import ConfigError
 from jaxvae.data import nifti
-from jaxvae.errors import ConfigError
 
 # BraTS renamed its modalities over the years (2023: t1n, t1c, t2w, t2f).
 _MODALITY_GROUPS = (("t1", "t1n"), ("t1ce", "t1c", "t1gd"), ("t2", "t2w"), ("flair", "t2f"))

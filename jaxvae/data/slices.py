@@ -7,6 +7,13 @@ import numpy as np
 from jaxvae.data.preprocess import SliceGeometry
 
 
+def with_channels(images):
+    """(N, H, W, C) images from (N, H, W) ones (C = 1) or (N, H, W, C) ones, numpy or jax: the
+    one place where a stack of one sequence gets its channel axis (inside the library images
+    are (N, H, W, C); a SliceSet of one sequence stores (S, H, W))."""
+    return images[..., None] if images.ndim == 3 else images
+
+
 @dataclass
 class SliceSet:
     """Model-ready slices of many cases, with where each came from.

@@ -1,4 +1,4 @@
-"""Splits by case (REFERENCE.md §4), never by slice: train, validation and test cases.
+"""Splits by case (docs/method.md §4), never by slice: train, validation and test cases.
 
 A split is data: three lists of case IDs, written into every run directory as split.json
 (`{"train": [...], "val": [...], "test": [...]}`) and readable back with `read_split`.
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxvae.base.errors import ConfigError
+from jaxvae.base.io import write_text
 from jaxvae.data.datasets import SliceSet
-from jaxvae.errors import ConfigError
-from jaxvae.io import write_text
 
 PARTS = ("train", "val", "test")
 

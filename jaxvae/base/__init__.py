@@ -1,0 +1,1 @@
+"""Foundations: the errors a user can cause, atomic outputs, the one table type."""

@@ -1,0 +1,2 @@
+"""The maths, pure functions of (params, x): model, losses, anomaly maps, projection,
+augmentation."""

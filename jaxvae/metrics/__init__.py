@@ -1,0 +1,1 @@
+"""Pixel, case and detection metrics with case-bootstrap intervals (numpy only)."""

@@ -1,0 +1,1 @@
+"""What a person reads: results files, figures, report.html, the maps `score` writes."""

@@ -1,0 +1,1 @@
+"""How the maths runs on this machine: the execution policy, device meshes, the batcher."""

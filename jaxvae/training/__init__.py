@@ -1,0 +1,1 @@
+"""A training run: its config, the train step and loop, validation, checkpoints."""

@@ -1,0 +1,117 @@
+"""The package's imports point one way: every import, function-level ones included, goes to a
+lower layer or within the same subpackage, so there is no cycle and no upward import."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import jaxvae
+
+ROOT = Path(jaxvae.__file__).parent
+
+# lowest first; a module may import its own subpackage and any lower layer
+LAYERS = [
+    {"base"},
+    {"core", "data", "metrics"},
+    {"runtime"},
+    {"training"},
+    {"inference"},
+    {"report"},
+    {"bench"},
+    {"cli"},
+]
+RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
+# function-level imports allowed: optional or heavy dependencies, each imported on use
+LAZY_OK = {"torch", "matplotlib", "jaxvae.bench.torch_reference"}
+
+
+def _modules():
+    return sorted(p for p in ROOT.rglob("*.py") if p.relative_to(ROOT).parts[0] in RANK)
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _imports(path: Path):
+    """(line, imported module, at module level?) of every jaxvae import in a file."""
+    here = path.relative_to(ROOT.parent).with_suffix("").parts
+    tree = ast.parse(path.read_text(), str(path))
+    top = {id(n) for n in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = ".".join(here[:len(here) - node.level])
+                mod = f"{base}.{node.module}" if node.module else base
+            else:
+                mod = node.module or ""
+            # `from pkg import module` imports pkg.module
+            names = [f"{mod}.{a.name}" if _is_module(f"{mod}.{a.name}") else mod
+                     for a in node.names]
+        else:
+            continue
+        for name in names:
+            yield node.lineno, name, id(node) in top
+
+
+def _layer(module: str):
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "jaxvae" else None
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_point_down(path):
+    own = path.relative_to(ROOT).parts[0]
+    bad = []
+    for line, name, at_top in _imports(path):
+        if not at_top and not any(name == ok or name.startswith(ok + ".") for ok in LAZY_OK):
+            bad.append(f"{path.name}:{line}: function-level import of {name}")
+        if name.split(".")[:2] == ["jaxvae"] or name == "jaxvae":
+            bad.append(f"{path.name}:{line}: imports the package's public API ({name})")
+        layer = _layer(name)
+        if layer is None or layer == own:
+            continue
+        if layer not in RANK:
+            bad.append(f"{path.name}:{line}: {name} belongs to no layer")
+        elif RANK[layer] >= RANK[own]:
+            bad.append(f"{path.name}:{line}: {own} imports {name} (layer {layer} is not "
+                       f"below {own})")
+    assert not bad, "\n".join(bad)
+
+
+def test_every_module_is_in_a_layer():
+    loose = [p.name for p in ROOT.glob("*.py") if p.name != "__init__.py"]
+    assert not loose, f"modules outside every subpackage: {loose}"
+
+
+def test_no_module_over_400_lines():
+    long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+
+
+def test_no_cycle_within_a_subpackage():
+    graph = {}
+    for path in _modules():
+        mod = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
+        graph[mod] = {name for _, name, _ in _imports(path)
+                      if _layer(name) == _layer(mod) and name != mod}
+    state = {}
+
+    def visit(m, stack):
+        if state.get(m) == 1:
+            raise AssertionError("import cycle: " + " -> ".join([*stack, m]))
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for n in sorted(graph.get(m, ())):
+            if n in graph:
+                visit(n, [*stack, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        visit(m, [])

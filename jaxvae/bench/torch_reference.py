@@ -7,7 +7,7 @@ by the caller: `import jaxvae.bench.torch_reference` fails with ImportError wher
 absent, and the harness then runs JAX-only.
 
 Layouts: torch images are NCHW; Flax images are NHWC. Conversions (tested in
-tests/test_benchmarks.py):
+tests/bench/test_harness.py):
   Conv          Flax (kh, kw, in, out) -> torch (out, in, kh, kw)
   ConvTranspose Flax (kh, kw, in, out) -> torch (in, out, kh, kw), spatially flipped
                 (Flax correlates the dilated input with the kernel, torch with its flip)

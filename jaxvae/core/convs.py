@@ -1,7 +1,7 @@
 """The 4x4 stride-2 convolution and its transpose, in forms that compute the same thing.
 
 The parameters are those of flax nn.Conv / nn.ConvTranspose (HWIO kernels, no bias); each
-form is tested equal to them (tests/test_model.py), so a model can switch forms freely:
+form is tested equal to them (tests/core/test_model.py), so a model can switch forms freely:
 
 * "lax": one strided `lax.conv_general_dilated` / `lax.conv_transpose`, the textbook form.
 * "s2d" (space-to-depth): the strided convolution as a 2x2 stride-1 convolution on 2x2

@@ -20,14 +20,21 @@ from jaxvae.core.predictors import COMBI_GROUP, anomaly_maps
 from jaxvae.runtime import execution, parallel
 
 
+def spans(n: int, size: int) -> list[slice]:
+    """range(n) cut into consecutive slices of `size` (the last one shorter); one slice of
+    everything when size <= 0 or size >= n. The one cut every batching here is made of."""
+    if size <= 0 or n <= size:
+        return [slice(0, n)]
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def batches(n: int, batch_size: int):
     """Yield (indices, n_real) covering range(n) in batches of exactly `batch_size`.
 
     The last batch is padded by repeating index n - 1: the real rows are indices[:n_real].
     """
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        yield np.minimum(idx, n - 1), min(batch_size, n - start)
+    for s in spans(n, batch_size) if n else ():
+        yield np.minimum(np.arange(s.start, s.start + batch_size), n - 1), s.stop - s.start
 
 
 def pad_to_multiple(x: np.ndarray, m: int) -> np.ndarray:
@@ -45,11 +52,6 @@ def _placed(params, x, policy, mesh):
     x = np.asarray(x, np.float32)
     xs = jax.device_put(pad_to_multiple(x, mesh.size), parallel.batch_sharding(mesh))
     return parallel.replicate(params, mesh), xs, x.shape[0], policy.sharded()
-
-
-def _chunks(n, chunk):
-    return [slice(0, n)] if chunk <= 0 or n <= chunk else [
-        slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
 
 def maps(model, params, x, *, policy=None, mesh=None, key=None, combi_group=COMBI_GROUP,
@@ -78,7 +80,7 @@ def maps(model, params, x, *, policy=None, mesh=None, key=None, combi_group=COMB
     chunk = policy.chunk_size
     if chunk > 0 and "combi" in (kwargs.get("predictors") or "combi"):
         chunk = 0 if combi_group <= 0 else max(combi_group, chunk - chunk % combi_group)
-    parts = _chunks(x.shape[0], chunk)
+    parts = spans(x.shape[0], chunk)
     outs = [anomaly_maps(model, params, x[s], combi_group=combi_group, **kwargs,
                          key=key if key is None or len(parts) == 1
                          else jax.random.fold_in(key, i)) for i, s in enumerate(parts)]
@@ -103,7 +105,7 @@ def project(model, params, x, *, policy=None, mesh=None, lam=1.0, steps=100, lr=
     model = policy.inference_model(model)
     x = jnp.asarray(x)
     outs = []
-    for s in _chunks(x.shape[0], policy.chunk_size):
+    for s in spans(x.shape[0], policy.chunk_size):
         x0 = x[s].astype(jnp.result_type(x.dtype, jnp.float32))
         if policy.projection_unroll <= 0:
             outs.append(projection.project(model, params, x0, lam=lam, steps=steps, lr=lr,

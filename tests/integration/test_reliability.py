@@ -1,11 +1,13 @@
-"""Reliability: bad inputs through the CLI, crash safety of `score`, no code from data, determinism.
+"""Reliability: bad inputs through the CLI, crash safety of `score`, determinism (no code
+execution from data: ruff's bandit rules, tests/integration/test_lint.py).
 
 Every bad input (generated here into tmp_path, nothing binary is committed) must give a
 non-zero exit code, exactly one line `jaxvae <verb>: error: ...` on stderr naming the file and
 the problem, no traceback, and no partial output. tqdm progress bars (redrawn with \\r on
 stderr) are not messages and are ignored when counting lines.
 
-SIGKILL / Ctrl-C during *training* (then an exact resume) are proven in tests/test_train.py:
+SIGKILL / Ctrl-C during *training* (then an exact resume) are proven in
+tests/training/test_trainer.py:
 test_sigkill_then_resume_is_bit_identical,
 test_ctrl_c_mid_epoch_saves_and_resume_is_bit_identical and (slow)
 test_sigint_saves_a_checkpoint_and_exits_then_resumes_exactly; not repeated here.
@@ -605,7 +607,7 @@ def test_sigkill_during_score_leaves_no_half_written_nifti(tiny_run, tmp_path, c
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == hidden
 
 
-# ---------------------------------------------------------------------- 4. determinism
+# ---------------------------------------------------------------------- 3. determinism
 
 DETERMINISM_CHILD = textwrap.dedent("""
     import sys

@@ -7,7 +7,7 @@ Layout:
   checkpoints/<step>/   orbax: params, opt_state, meta (JSON: format, step, partial epoch sums,
                         data fingerprints, validation loss, config) and orbax's own metrics
                         (the validation loss, which ranks the checkpoints)
-  loss.png              the loss curve (jaxvae.training.trainer)
+  loss.png              the loss curve (jaxvae.training.loss_curve)
 
 Retention: the last `keep_checkpoints` checkpoints, and the one with the lowest validation
 loss (ties: the earliest), both by orbax preservation policies (LatestN, BestN). A

@@ -20,8 +20,8 @@ from jaxvae.base.errors import ConfigError, DataError
 from jaxvae.base.io import atomic_path, confined
 from jaxvae.data import nifti, phantom
 from jaxvae.data.preprocess import PreprocessParams, SliceGeometry, preprocess_volume
-from jaxvae.data.sequences import _aliases, modality_text, parse_modalities
 from jaxvae.data.sequences import check_modality as check_modality  # re-exported
+from jaxvae.data.sequences import modality_aliases, modality_text, parse_modalities
 from jaxvae.data.sequences import modality_of as modality_of
 from jaxvae.data.sequences import same_modality as same_modality
 from jaxvae.data.slices import SliceSet as SliceSet
@@ -76,7 +76,7 @@ def _match(folder: Path, files: list[Path], names: tuple[str, ...], what: str) -
 def _brats_case(folder: Path, asked: tuple[str, ...], files: list[Path]) -> Case:
     images = []
     for seq in asked:
-        names = _aliases(seq)
+        names = modality_aliases(seq)
         image = _match(folder, files, names, seq)
         if image is None:
             listing = ", ".join(p.name for p in files) or "no NIfTI files"

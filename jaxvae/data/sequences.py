@@ -15,7 +15,7 @@ _MODALITY_GROUPS = (("t1", "t1n"), ("t1ce", "t1c", "t1gd"), ("t2", "t2w"), ("fla
 KNOWN_SEQUENCES = tuple(m for group in _MODALITY_GROUPS for m in group)
 
 
-def _aliases(modality: str) -> tuple[str, ...]:
+def modality_aliases(modality: str) -> tuple[str, ...]:
     m = modality.lower()
     for group in _MODALITY_GROUPS:
         if m in group:
@@ -25,7 +25,7 @@ def _aliases(modality: str) -> tuple[str, ...]:
 
 def same_modality(a: str, b: str) -> bool:
     """Whether two modality names are the same sequence (BraTS aliases included)."""
-    return b.lower() in _aliases(a)
+    return b.lower() in modality_aliases(a)
 
 
 def modality_of(path) -> str | None:
@@ -63,7 +63,7 @@ def parse_modalities(modality, *, canonical: bool = True) -> tuple[str, ...]:
         if twice is not None:
             raise ConfigError(f"sequence {n!r} given twice in modality {modality!r}"
                               + ("" if twice == n else f" (as {twice!r} and {n!r})"))
-    return tuple(_aliases(n)[0] for n in names) if canonical else names
+    return tuple(modality_aliases(n)[0] for n in names) if canonical else names
 
 
 def modality_text(modality) -> str:

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaxvae.base.errors import ConfigError
-from jaxvae.metrics.histogram import CI_KEYS, THRESHOLD_KEYS, Accumulator, _curve_rows, _dice, _frac
+from jaxvae.metrics.histogram import (
+    CI_KEYS,
+    THRESHOLD_KEYS,
+    Accumulator,
+    curve_rows,
+    dice_of,
+    fraction_of,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,7 +132,7 @@ def bootstrap_samples(hists: Sequence[CaseHist], n_boot: int = 1000, seed: int =
     used = np.unique(np.concatenate([h.bins for h in hists]))
     cols = np.zeros((4, n, used.size))
     for i, h in enumerate(hists):
-        # columns descending in score, as _curve_rows wants
+        # columns descending in score, as curve_rows wants
         cols[:, i, used.size - 1 - np.searchsorted(used, h.bins)] = h.counts.T
     at = None
     if all(with_at):
@@ -143,17 +150,17 @@ def bootstrap_samples(hists: Sequence[CaseHist], n_boot: int = 1000, seed: int =
         w = np.bincount((rows * n + pk).ravel(), minlength=len(pk) * n).reshape(len(pk), n)
         w = w.astype(np.float64)  # w[r, i]: how often resample r drew case i
         neg, pos = w @ cols[0], w @ cols[1]
-        auroc, auprc, dice = _curve_rows(pos, neg)
+        auroc, auprc, dice = curve_rows(pos, neg)
         out["auroc"][s:s + chunk] = auroc
         out["auprc"][s:s + chunk] = auprc
         out["dice_best"][s:s + chunk] = dice.max(1) if used.size else math.nan
         del neg, pos, dice  # freed before the brain's temporaries: bounds the peak
         if has_brain:
-            out["auroc_brain"][s:s + chunk] = _curve_rows(w @ cols[3], w @ cols[2], True)[0]
+            out["auroc_brain"][s:s + chunk] = curve_rows(w @ cols[3], w @ cols[2], True)[0]
         if at is not None:
             tp, fp, fn, brain_above, brain = (w @ at).T
-            out["dice_val"][s:s + chunk] = _dice(tp, fp, fn)
-            out["frac_above"][s:s + chunk] = _frac(brain_above, brain)
+            out["dice_val"][s:s + chunk] = dice_of(tp, fp, fn)
+            out["frac_above"][s:s + chunk] = fraction_of(brain_above, brain)
     return out
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxvae.base.errors import ConfigError
 from jaxvae.metrics.bootstrap import CaseHist, bootstrap_samples, paired_difference, percentile_ci
-from jaxvae.metrics.histogram import Accumulator, _threshold_metrics, summarize_cases
+from jaxvae.metrics.histogram import Accumulator, summarize_cases, threshold_metrics
 
 
 class MapsAccumulator:
@@ -129,7 +129,7 @@ class MapsAccumulator:
             if t is not None:
                 c = acc.counts_at(t)
                 self._counts[name][case] = c
-                row.update(tp=c["tp"], fp=c["fp"], fn=c["fn"], **_threshold_metrics(c))
+                row.update(tp=c["tp"], fp=c["fp"], fn=c["fn"], **threshold_metrics(c))
             self._rows[name][case] = row
             if self.ci_bits is not None:
                 self._hists[name][case] = CaseHist.from_accumulator(acc, self.ci_bits, t)
@@ -187,10 +187,10 @@ class MapsAccumulator:
         out = self.pooled[name].result()
         if name in self.thresholds and self._mixed:
             rows = self._counts[name].values()
-            out.update(_threshold_metrics({k: sum(c[k] for c in rows) for k in
+            out.update(threshold_metrics({k: sum(c[k] for c in rows) for k in
                                            ("tp", "fp", "fn", "brain_above", "brain")}))
         elif name in self.thresholds:
-            out.update(_threshold_metrics(self.pooled[name].counts_at(self.thresholds[name])))
+            out.update(threshold_metrics(self.pooled[name].counts_at(self.thresholds[name])))
         return out
 
     def result(self, n_boot: int = 0, seed: int = 0, level: float = 0.95,

@@ -86,7 +86,7 @@ def _bin_lower_edge(b: int, shift: int) -> float:
     return -math.inf if math.isnan(v) else v  # the bin holding -inf starts among NaN codes
 
 
-def _curve_rows(p: np.ndarray, n: np.ndarray, auroc_only: bool = False):
+def curve_rows(p: np.ndarray, n: np.ndarray, auroc_only: bool = False):
     """AUROC, AP and the Dice curve of several histograms at once (one per row).
 
     Args:
@@ -130,7 +130,7 @@ def _curve_metrics(pos: np.ndarray, neg: np.ndarray, shift: int) -> dict:
     used = np.flatnonzero((pos > 0) | (neg > 0))[::-1]  # occupied bins, highest score first
     p = pos[used].astype(np.float64)[None]
     n = neg[used].astype(np.float64)[None]
-    auroc, auprc, dice = _curve_rows(p, n)
+    auroc, auprc, dice = curve_rows(p, n)
     if not p.sum():
         nan = math.nan
         return {"auroc": nan, "auprc": nan, "dice_best": nan, "dice_threshold": nan}
@@ -139,24 +139,24 @@ def _curve_metrics(pos: np.ndarray, neg: np.ndarray, shift: int) -> dict:
             "dice_threshold": _bin_lower_edge(used[best], shift)}
 
 
-def _dice(tp, fp, fn):
+def dice_of(tp, fp, fn):
     """Dice 2TP / (2TP + FP + FN), elementwise; NaN where there is no lesion (TP + FN = 0)."""
     tp, fp, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(tp + fn > 0, 2.0 * tp / (2.0 * tp + fp + fn), math.nan)
 
 
-def _frac(above, total):
+def fraction_of(above, total):
     """above / total, elementwise; NaN where total is 0."""
     above, total = (np.asarray(v, dtype=np.float64) for v in (above, total))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(total > 0, above / total, math.nan)
 
 
-def _threshold_metrics(c: Mapping[str, int]) -> dict:
+def threshold_metrics(c: Mapping[str, int]) -> dict:
     """`dice_val` and `frac_above` from the counts of `Accumulator.counts_at`."""
-    return {"dice_val": float(_dice(c["tp"], c["fp"], c["fn"])),
-            "frac_above": float(_frac(c["brain_above"], c["brain"]))}
+    return {"dice_val": float(dice_of(c["tp"], c["fp"], c["fn"])),
+            "frac_above": float(fraction_of(c["brain_above"], c["brain"]))}
 
 
 class Accumulator:
@@ -261,7 +261,7 @@ class Accumulator:
     def dice_at(self, threshold: float) -> float:
         """Dice of "score >= threshold" (binned as in `counts_at`); NaN without lesion pixels."""
         c = self.counts_at(threshold)
-        return float(_dice(c["tp"], c["fp"], c["fn"]))
+        return float(dice_of(c["tp"], c["fp"], c["fn"]))
 
     def threshold_at_quantile(self, q: float) -> float:
         """The threshold that flags about a fraction 1 - q of the brain pixels.

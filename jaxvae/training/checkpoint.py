@@ -37,7 +37,7 @@ from jaxvae.training.read_noise import read_or_fail
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
-_FORMAT = 1
+RUN_FORMAT = 1
 
 
 def _read_config(run_dir: Path) -> TrainConfig:
@@ -88,7 +88,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig | None, *, resume: bool, ove
     return cfg, False
 
 
-def _read_metrics(path: Path, upto_epoch: int, partial_step: int | None = None) -> list[dict]:
+def read_metrics(path: Path, upto_epoch: int, partial_step: int | None = None) -> list[dict]:
     """Epoch lines 1..upto_epoch of metrics.jsonl, then the line of epoch upto_epoch + 1 if
     it is marked partial and ends at `partial_step` (later or broken lines are dropped)."""
     if not path.is_file():
@@ -111,14 +111,14 @@ def _read_metrics(path: Path, upto_epoch: int, partial_step: int | None = None) 
     return out
 
 
-def _write_metrics(path: Path, history: list[dict]) -> None:
+def write_metrics_file(path: Path, history: list[dict]) -> None:
     write_text(path, "".join(json.dumps(h) + "\n" for h in history), overwrite=True)
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _steps(ckpt_dir: Path) -> list[int]:
+def checkpoint_steps(ckpt_dir: Path) -> list[int]:
     # finished orbax steps are plain integer folder names; in-progress saves carry a suffix
     if not ckpt_dir.is_dir():
         return []
@@ -130,8 +130,8 @@ def _rank(metrics) -> tuple:
     return -metrics["val_loss"], -metrics["step"]
 
 
-def _manager(ckpt_dir: Path, keep: int | None, *, create: bool,
-             validated: bool = False) -> ocp.CheckpointManager:
+def checkpoint_manager(ckpt_dir: Path, keep: int | None, *, create: bool,
+                       validated: bool = False) -> ocp.CheckpointManager:
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         create=create, enable_async_checkpointing=False,  # a checkpoint is on disk on return
@@ -174,7 +174,7 @@ def _check_shapes(path: Path, mgr, step, expected, cfg):
                        f"params{k} is {got.get(k)} in the checkpoint, {want.get(k)} expected")
 
 
-def _restore(mgr, step: int, cfg: TrainConfig, sharding, params, opt_state=None):
+def restore_step(mgr, step: int, cfg: TrainConfig, sharding, params, opt_state=None):
     """Restore (params, opt_state or None, meta) of one checkpoint step, or raise RunError.
 
     Args:
@@ -195,7 +195,7 @@ def _restore(mgr, step: int, cfg: TrainConfig, sharding, params, opt_state=None)
     out = read_or_fail(lambda: mgr.restore(step, args=ocp.args.Composite(**items)), path,
                        "checkpoint", hint)
     meta = out["meta"]
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or "step" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT or "step" not in meta:
         raise RunError(f"{path}: checkpoint has no valid jaxvae metadata")
     stored = meta.get("config", {})
     for name in ("latent_dim", "channels"):
@@ -238,11 +238,11 @@ def _open_run(run_dir):
         raise RunError(f"{run_dir}: run directory not found")
     cfg = _read_config(run_dir)
     ckpt_dir = run_dir / CHECKPOINT_DIR
-    steps = _steps(ckpt_dir)
+    steps = checkpoint_steps(ckpt_dir)
     if not steps:
         raise RunError(f"{ckpt_dir}: no checkpoint found (the run stopped before its first "
                        f"checkpoint?)")
-    return cfg, steps, _manager(ckpt_dir, None, create=False)
+    return cfg, steps, checkpoint_manager(ckpt_dir, None, create=False)
 
 
 def best_step(run_dir, which="best") -> tuple[int, float | None]:
@@ -291,7 +291,7 @@ def load_run(run_dir, which="best", *, with_info: bool = False):
         model = model_from_config(cfg)
         step, val_loss = _choose(mgr, steps, which)
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        params, _, _ = _restore(mgr, step, cfg, sharding, abstract_params(model))
+        params, _, _ = restore_step(mgr, step, cfg, sharding, abstract_params(model))
     finally:
         mgr.close()
     if with_info:

@@ -14,15 +14,15 @@ from jax.experimental import multihost_utils
 from jaxvae.base.errors import RunError
 from jaxvae.base.io import write_text
 from jaxvae.training.checkpoint import (
-    _FORMAT,
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
-    _manager,
-    _read_metrics,
-    _restore,
-    _steps,
-    _write_metrics,
+    RUN_FORMAT,
+    checkpoint_manager,
+    checkpoint_steps,
+    read_metrics,
+    restore_step,
+    write_metrics_file,
 )
 from jaxvae.training.config import TrainConfig
 
@@ -73,9 +73,9 @@ class RunDir:
                 shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             write_text(self.dir / CONFIG_FILE, self.cfg.to_json(), overwrite=True)
         _sync("jaxvae-train-prepared")
-        self.mgr = _manager(self.ckpt_dir, self.cfg.keep_checkpoints, create=True,
-                            validated=self.validated)
-        steps = _steps(self.ckpt_dir)
+        self.mgr = checkpoint_manager(self.ckpt_dir, self.cfg.keep_checkpoints, create=True,
+                                      validated=self.validated)
+        steps = checkpoint_steps(self.ckpt_dir)
         return steps[-1] if restore and steps else None
 
     def restore(self, step: int, abstract_state, sharding):
@@ -89,7 +89,7 @@ class RunDir:
         Raises:
           RunError: unreadable checkpoint, another model, or other training data.
         """
-        params, opt_state, meta = _restore(self.mgr, step, self.cfg, sharding, *abstract_state)
+        params, opt_state, meta = restore_step(self.mgr, step, self.cfg, sharding, *abstract_state)
         diff = [k for k, v in self.data_meta.items() if meta.get(k) != v]
         if diff:
             what = ", ".join(f"{k}: {meta.get(k)} -> {self.data_meta[k]}" for k in diff)
@@ -112,14 +112,14 @@ class RunDir:
         """
         if self.dir is None:
             return []
-        history = _read_metrics(self.dir / METRICS_FILE, step // steps_per_epoch, step)
+        history = read_metrics(self.dir / METRICS_FILE, step // steps_per_epoch, step)
         if rewrite:
             self.write_metrics(history)
         return history
 
     def write_metrics(self, history: list[dict]) -> None:
         if self.dir is not None and self.main:
-            _write_metrics(self.dir / METRICS_FILE, history)
+            write_metrics_file(self.dir / METRICS_FILE, history)
 
     def save(self, step: int, params, opt_state, *, partial=None, interrupted=False,
              val_loss: float | None = None) -> None:
@@ -135,7 +135,7 @@ class RunDir:
         """
         if self.mgr is None or step in self.mgr.all_steps():
             return
-        meta = {"format": _FORMAT, "step": step, **self.data_meta, "partial": partial,
+        meta = {"format": RUN_FORMAT, "step": step, **self.data_meta, "partial": partial,
                 "interrupted": interrupted, "val_loss": val_loss, "config": self.cfg.to_dict()}
         metrics = None if val_loss is None else {"val_loss": float(val_loss), "step": step}
         self.mgr.save(step, force=True, metrics=metrics, args=ocp.args.Composite(
@@ -143,7 +143,7 @@ class RunDir:
             meta=ocp.args.JsonSave(meta)))
 
     def last_good(self) -> str:
-        steps = _steps(self.ckpt_dir) if self.ckpt_dir is not None else []
+        steps = checkpoint_steps(self.ckpt_dir) if self.ckpt_dir is not None else []
         if not steps:
             return "no checkpoint was written yet"
         return f"last good checkpoint kept at {self.ckpt_dir / str(steps[-1])}"

@@ -134,3 +134,14 @@ def test_no_cycle_within_a_subpackage():
 
     for m in sorted(graph):
         visit(m, [])
+
+
+def test_no_module_imports_another_modules_private_names():
+    found = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxvae"):
+                found += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}"
+                          for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found

@@ -168,7 +168,7 @@ def test_retention_keeps_the_latest_and_the_best_across_reopen(tmp_path):
             r.save(step, jax.tree.map(lambda a, s=step: a + s, params), opt_state,
                    val_loss=val_loss)
         r.close()
-        return checkpoint._steps(run / "checkpoints")
+        return checkpoint.checkpoint_steps(run / "checkpoints")
 
     # step 4: no val loss (as a Ctrl-C inside an epoch), kept by recency only
     assert save_all(False, [(1, 5.0), (2, 3.0), (3, 4.0), (4, None)]) == [2, 3, 4]

@@ -9,9 +9,13 @@ already use, and reads config files with nested groups without new dataclasses. 
 saved config.json is also a valid `--config` of `train`: its data description becomes the
 `data`, `modality`, `split` and `preprocess` keys (`run_config_keys`).
 
-Every expected failure is a JaxvaeError (or an OSError) printed as one line on stderr with
-exit code 2 (a bad config file: the line names the file and the key); malformed flags exit
-2 with the usage line, as argparse does; `--debug` shows the traceback.
+The settings flags are generated from their dataclasses (jaxvae.cli.flags): TrainConfig,
+AugmentConfig and PreprocessParams for `train`, EvalSettings for `score` and `evaluate`; the
+dataclasses are built right after parsing, so an out-of-range value is refused before any
+work. Every expected failure is a JaxvaeError (or an OSError) printed as one line on stderr
+with exit code 2 (naming the config file and key, or the flag, of a bad value); malformed
+flags (an unknown flag, a value of the wrong type) exit 2 with the usage line, as argparse
+does; `--debug` shows the traceback.
 """
 
 import argparse

@@ -163,10 +163,7 @@ def _calibration(args, test, modality, preprocess):
 
 def cmd_evaluate(args):
     _check_outputs(args.out, outputs.OUTPUT_NAMES, args.overwrite)
-    if not 0 < args.val_quantile < 1 or args.n_boot < 0:
-        raise ConfigError("--val-quantile must be in (0, 1) and --n-boot >= 0")
-    # bad flags before slow loading
-    settings = settings_of(EvalSettings, args)
+    settings = settings_of(EvalSettings, args)  # bad flags before slow loading
     calibrating = bool(args.calibration or args.calibration_ids or args.calibration_data)
     model, params, cfg, test, val, info = _run_and_data(args, with_val=not calibrating)
     if args.untrained:  # the control: the same seed's initial network, scored alike
@@ -215,11 +212,11 @@ def cmd_score(args):
     for path in tqdm(inputs, desc="volumes", unit="vol", disable=len(inputs) == 1):
         try:
             written += scans.score_volume(model, params, path, args.out, beta=cfg.beta,
-                                             mask=args.mask, settings=settings,
-                                             overwrite=args.overwrite, png=args.png,
-                                             volume_index=args.volume_index,
-                                             preprocess=preprocess_of(cfg), segmenter=seg,
-                                             modality=args.modality or trained)
+                                          mask=args.mask, settings=settings,
+                                          overwrite=args.overwrite, png=args.png,
+                                          volume_index=args.volume_index,
+                                          preprocess=preprocess_of(cfg), segmenter=seg,
+                                          modality=args.modality or trained)
         except JaxvaeError as e:
             if args.strict or len(inputs) == 1:
                 raise

@@ -58,7 +58,7 @@ class Table:
 
     def html(self, *, sortable=False) -> str:
         """An HTML table, every cell escaped; the `marked` rows have class "baseline"."""
-        e = lambda text: html.escape(str(text), quote=True)  # noqa: E731
+        e = lambda text: html.escape(str(text), quote=True)
         head = "".join(f"<th>{e(h)}</th>" for h in self.header)
         body = "".join(
             ('<tr class="baseline">' if i in self.marked else "<tr>")

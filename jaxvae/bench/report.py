@@ -30,7 +30,7 @@ def markdown(report, op_order) -> str:
     table = []
     for op, bs in keys:
         j, t = rows.get(("jax", op, bs)), rows.get(("torch", op, bs))
-        g = lambda r, k, s: cell(r[k] if r else None, spec=s)  # noqa: E731
+        g = lambda r, k, s: cell(r[k] if r else None, spec=s)
         ratio = j["images_per_s"] / t["images_per_s"] if j and t else None
         name = op + (f" (torch: {t['variant']})" if t and t.get("variant") else "")
         table.append([name, bs, g(j, "images_per_s", ".1f"), g(t, "images_per_s", ".1f"),

@@ -19,6 +19,7 @@ The network follows the reference; the training noise deviates in one detail (it
 roll is drawn per image, jaxvae.core.noise).
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -119,10 +120,12 @@ class UNet(nn.Module):
         return nn.Conv(self.in_channels, (1, 1))(x)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_unet(model: UNet, key):
-    """Parameters of a U-Net (jitted: an eager Flax init compiles each small op alone)."""
+    """Parameters of a U-Net (jitted, compiled once per model: an eager Flax init compiles
+    each small op alone)."""
     x = jnp.zeros((1, model.image_size, model.image_size, model.in_channels), jnp.float32)
-    return jax.jit(model.init)(key, x)["params"]
+    return model.init(key, x)["params"]
 
 
 def denoise(model: UNet, params, x):

@@ -24,7 +24,7 @@ def test_rec_grad_is_plain_jax_grad_of_the_reconstruction_loss(setup):
     model, params, x = setup
     maps = reconstruction_maps(model, params, x, predictors=RECONSTRUCTION_MAPS,
                                smooth_sigma=0.0)
-    loss = lambda v: 0.5 * jnp.sum((v - denoise(model, params, v)) ** 2)  # noqa: E731
+    loss = lambda v: 0.5 * jnp.sum((v - denoise(model, params, v)) ** 2)
     g = jax.jit(jax.grad(loss))(x)  # the batch sum: each image's own gradient
     np.testing.assert_allclose(maps["rec_grad"], jnp.abs(g).sum(-1), rtol=1e-4,
                                atol=1e-5 * float(jnp.abs(g).max()))

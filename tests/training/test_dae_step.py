@@ -35,7 +35,7 @@ def test_the_step_is_adam_on_the_batch_mean_loss_with_the_noise_of_fold_in_key_1
     batch, key = _images(4), jax.random.key(7)
     step = make_dae_train_step(MODEL, lr=1e-3)
     new, _, metrics = step(params, state, batch, key)
-    loss = lambda p: jnp.mean(dae_loss(MODEL, p, batch[..., None],  # noqa: E731
+    loss = lambda p: jnp.mean(dae_loss(MODEL, p, batch[..., None],
                                        jax.random.fold_in(key, 1)))
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     updates, _ = opt.update(grads, state, params)
